@@ -425,8 +425,9 @@ def parse_args(args_class, argv=None, description=None):
 
 def check_args(args):
     """Checks shared by the three scripts, made before any model is loaded."""
-    if not args.eta > 0:
-        raise UserError(f"--eta must be > 0 (got {args.eta}): with eta = 0 DDIM is deterministic and log-probs are undefined.")
+    if not 0 < args.eta <= 1:
+        raise UserError(f"--eta must be in (0, 1] (got {args.eta}): with eta = 0 DDIM is deterministic and "
+                        f"log-probs are undefined, and above 1 the step's variance exceeds what DDIM allows.")
     for name in ("num_epochs", "num_steps", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
                  "gradient_accumulation_steps", "resolution"):
         if getattr(args, name) < 1:

@@ -37,7 +37,7 @@ class Args:
     seed: int = arg(0, "random seed; each epoch's randomness is derived from it, so resumed runs match")
     resolution: int = arg(512, "image size in pixels (SD v1.5 at 512, as in the papers)")
     num_steps: int = arg(50, "DDIM steps T (DDPO reference base config: 50)")
-    eta: float = arg(1.0, "DDIM stochasticity, > 0 (reference: 1.0, the DDPM posterior variance)")
+    eta: float = arg(1.0, "DDIM stochasticity, in (0, 1] (reference: 1.0, the DDPM posterior variance)")
     guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (reference: 5.0)")
     sample_batch_size: int = arg(8, "images per sampling batch (reference dgx configs: 8 per GPU)")
     sample_batches_per_epoch: int = arg(4, "sampling batches per epoch (reference dgx configs: 4)")

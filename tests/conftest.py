@@ -1,0 +1,30 @@
+"""Shared fixtures: everything offline, tiny pipelines built from configs and saved with save_pretrained."""
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a model hub
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_pipeline import make_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random SD pipeline directory (epsilon prediction)."""
+    return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("# a comment\na cat\n\na dog\na photo of a horse\n")
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

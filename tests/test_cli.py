@@ -1,0 +1,71 @@
+"""The command line: bad input gets one sentence and no traceback; --help documents every flag."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import ddpo
+from conftest import ROOT
+
+SCRIPTS = ["ddpo.py"]
+
+
+def run(script, *args, cwd=ROOT):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def bad_inputs(tiny_dir, prompt_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    base = ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(tmp_path / "out"),
+            "--resolution", "32", "--num-steps", "2", "--device", "cpu"]
+    return {
+        "missing prompt file": (base + ["--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
+        "empty prompt file": (base + ["--prompt-file", str(empty)], "has no prompts"),
+        "unknown reward": (base + ["--reward", "beauty"], "unknown reward 'beauty'; known rewards are"),
+        "eta zero": (base + ["--eta", "0"], "--eta must be in (0, 1]"),
+        "train batch does not divide": (base + ["--sample-batch-size", "6", "--train-batch-size", "4"],
+                                        "must divide --sample-batch-size"),
+        "missing model dir": (base + ["--model", str(tmp_path / "no-model")], "does not exist"),
+        "unreachable hub id": (base + ["--model", "someone/not-cached-model"], "local diffusers directory"),
+        "resume of a non-run": (["--resume", str(tmp_path)], "not a run directory"),
+    }
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_is_one_sentence_without_traceback(script, tiny_dir, prompt_file, tmp_path):
+    for case, (args, message) in bad_inputs(tiny_dir, prompt_file, tmp_path).items():
+        result = run(script, *args)
+        assert result.returncode != 0, case
+        assert "Traceback" not in result.stderr, (case, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, (case, result.stderr)
+        assert not os.path.exists(tmp_path / "out" / "checkpoint.pt"), case  # stopped before any work
+
+
+# flags whose default is a choice of this project rather than a hyperparameter with a source
+NO_SOURCE = {"output_dir", "seed", "device", "resume", "mixed_precision"}
+SOURCE = re.compile(r"reference|paper|DDPO|D3PO|PRDP|Table|Sec\\.|SD v1")
+
+
+@pytest.mark.parametrize("script, module", [("ddpo.py", ddpo)])
+def test_help_documents_every_flag_with_default_and_source(script, module):
+    result = run(script, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    text = text[text.index("options:"):]  # past the usage line and the description
+    fields = dataclasses.fields(module.Args)
+    assert text.count("(default:") == len(fields)
+    for field in fields:
+        flag = "--" + field.name.replace("_", "-")
+        # the help entry of this flag: from "--flag X" up to its "(default: ...)"
+        entry = re.search(re.escape(flag) + r"[ =]\S.*?\(default: ([^)]*)\)", text)
+        assert entry, flag
+        assert entry.group(1).replace(" ", "") == str(field.default).replace(" ", ""), flag  # argparse wraps at "-"
+        if field.name not in NO_SOURCE:
+            assert SOURCE.search(entry.group(0)), f"{flag} does not say where its default comes from"

@@ -1,0 +1,112 @@
+"""ddpo.py end to end on a tiny pipeline: outputs, LoRA loading in diffusers, and resuming."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import ddpo
+
+
+def tiny_args(tiny_dir, prompt_file, output_dir, epochs=2, *extra):
+    return ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(output_dir),
+            "--num-epochs", str(epochs), "--resolution", "32", "--num-steps", "4", "--sample-batch-size", "4",
+            "--sample-batches-per-epoch", "2", "--train-batch-size", "2", "--gradient-accumulation-steps", "2",
+            "--learning-rate", "3e-2", "--clip-range", "0.2", "--device", "cpu", "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dir, prompt_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpo") / "run"
+    ddpo.main(tiny_args(tiny_dir, prompt_file, out))
+    return out
+
+
+def test_writes_every_output(finished_run):
+    out = finished_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_epochs"] == 2 and config["estimator"] == "is" and config["num_steps"] == 4
+    rows = common.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("reward_mean", "reward_std", "loss", "seconds", "approx_kl", "clipfrac"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[0]["reward_mean"] < 0  # jpeg_compressibility is minus a size
+    assert sorted(os.listdir(out / "samples")) == ["epoch_0000.png", "epoch_0001.png"]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint.pt").is_file()
+    assert not [f for f in os.listdir(out) if f.endswith((".tmp", ".old"))]
+
+
+def test_lora_loads_into_a_fresh_pipeline_and_changes_its_images(finished_run, tiny_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe("a cat", num_inference_steps=4, height=32, width=32, guidance_scale=5.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = generate()
+    pipe.load_lora_weights(str(finished_run / "lora"))
+    after = generate()
+    assert (after - before).abs().max() > 1e-3
+
+    # and the loaded LoRA is the trained model: the same UNet output as our own checkpoint gives
+    ours, params, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4)
+    optimizer = common.make_optimizer(params, 1e-3, 0.0)
+    common.load_checkpoint(ours, optimizer, common.make_scaler("cpu", "no"), str(finished_run))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(400)
+    emb = common.encode_prompts(ours, ["a cat", "a dog"])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=emb).sample,
+                                   ours.unet(x, t, encoder_hidden_states=emb).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_continues_like_an_uninterrupted_run(finished_run, tiny_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    ddpo.main(tiny_args(tiny_dir, prompt_file, out, 1))
+    ddpo.main(["--resume", str(out), "--num-epochs", "2"])
+    resumed, straight = common.read_metrics(out), common.read_metrics(finished_run)
+    assert [r["epoch"] for r in resumed] == [0, 1]
+    for a, b in zip(resumed, straight):
+        for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+    for name, value in load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).items():
+        torch.testing.assert_close(value, load_file(str(finished_run / "lora" / "pytorch_lora_weights.safetensors"))[name])
+    assert json.loads((out / "config.json").read_text())["num_epochs"] == 2
+
+
+def test_training_moves_the_policy(finished_run):
+    """After the first optimiser step the ratio departs from 1, so some steps are clipped."""
+    rows = common.read_metrics(finished_run)
+    assert rows[-1]["clipfrac"] > 0 and rows[-1]["approx_kl"] > 0
+
+
+def test_score_function_estimator_and_full_fine_tuning_run(tiny_dir, prompt_file, tmp_path):
+    ddpo.main(tiny_args(tiny_dir, prompt_file, tmp_path / "sf", 1, "--estimator", "sf", "--lora-rank", "0",
+                        "--learning-rate", "1e-4", "--timestep-fraction", "0.5", "--inner-epochs", "2",
+                        "--reward", "jpeg_incompressibility"))
+    rows = common.read_metrics(tmp_path / "sf")
+    assert rows[0]["reward_mean"] > 0
+    assert (tmp_path / "sf" / "unet" / "config.json").is_file()
+
+
+def test_refuses_to_overwrite_a_run(finished_run, tiny_dir, prompt_file):
+    with pytest.raises(common.UserError, match="already holds a run"):
+        ddpo.main(tiny_args(tiny_dir, prompt_file, finished_run))
+
+
+def test_unet_calls_are_the_minimum(tiny_dir, prompt_file, tmp_path):
+    """One batched UNet call per sampling step, one per trained step: no pass is repeated."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from speed import count_unet_calls, minimum_calls
+    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 2, "--timestep-fraction", "0.5", "--inner-epochs", "2")
+    with count_unet_calls() as counts:
+        ddpo.main(argv)
+    min_sample, min_train = minimum_calls("ddpo", common.parse_args(ddpo.Args, argv))
+    assert (min_sample, min_train) == (2 * 4, 2 * (8 // 2) * 2)  # batches x steps; inner x batches x half the steps
+    assert counts == {"sample": 2 * min_sample, "train": 2 * min_train}
