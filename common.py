@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,15 +277,15 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
     return pipe, trainable, autocast
 
 
+@contextmanager
 def reference_model(pipe):
-    """Context manager: inside it the UNet is the model before fine-tuning (LoRA adapters switched off)."""
-    class _Ref:
-        def __enter__(self):
-            pipe.unet.disable_adapters()
-
-        def __exit__(self, *exc):
-            pipe.unet.enable_adapters()
-    return _Ref()
+    """Inside this context the UNet is the model before fine-tuning: the LoRA adapters are switched off, so the
+    reference policy costs no second copy of the UNet."""
+    pipe.unet.disable_adapters()
+    try:
+        yield
+    finally:
+        pipe.unet.enable_adapters()
 
 
 def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):

@@ -32,6 +32,7 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path):
         "train batch does not divide": (base + ["--sample-batch-size", "6", "--train-batch-size", "4"],
                                         "must divide --sample-batch-size"),
         "missing model dir": (base + ["--model", str(tmp_path / "no-model")], "does not exist"),
+        "dir that is not a pipeline": (base + ["--model", str(tmp_path)], "could not load a Stable Diffusion pipeline"),
         "unreachable hub id": (base + ["--model", "someone/not-cached-model"], "local diffusers directory"),
         "resume of a non-run": (["--resume", str(tmp_path)], "not a run directory"),
     }
