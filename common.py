@@ -25,6 +25,10 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 
+PROJECT = os.path.dirname(os.path.abspath(__file__))
+TOY_MODEL = os.path.join(PROJECT, "toy_model")  # --model toy
+
+
 class UserError(Exception):
     """A mistake the user can fix; the scripts print its one sentence and exit, without a traceback."""
 
@@ -211,6 +215,20 @@ def sample_epoch(pipe, args, prompts, negative_embeds, generator, autocast, prog
                                          for f in dataclasses.fields(Trajectories)))
 
 
+def evaluate(pipe, prompts, seed, args, autocast=nullcontext, batch_size=32):
+    """Sample each prompt once with noise from `seed` (keep it apart from training seeds) and return the images.
+
+    Used to compare a model before and after fine-tuning on the same held-apart noise."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    negative_embeds = encode_prompts(pipe, [""])
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        embeds = encode_prompts(pipe, prompts[start:start + batch_size])
+        images.append(sample_trajectories(pipe, embeds, negative_embeds, args.num_steps, args.eta,
+                                          args.guidance_scale, generator, autocast=autocast, progress=False).images)
+    return torch.cat(images)
+
+
 def latent_size(pipe):
     """(h, w) of the latents for the pipeline's configured resolution."""
     size = pipe.resolution // pipe.vae_scale_factor
@@ -246,6 +264,8 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
     device = torch.device(device)
     half = resolve_precision(mixed_precision, device)
     weight_dtype = half or torch.float32
+    if model == "toy":
+        model = TOY_MODEL
     is_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not os.path.isdir(model) and not is_hub_id:
         raise UserError(f"model directory {model!r} does not exist (give a local diffusers directory or a hub id).")
@@ -339,7 +359,93 @@ def jpeg_incompressibility(images, prompts):
     return jpeg_kb(images)
 
 
-REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility}
+# The shapes world (tutorials/make_toy_model.py): one coloured shape on a light background, captioned like
+# "a red circle on the left". Its rewards read pixels with fixed rules (no learned weights), so a student can
+# check every number by hand. Each attribute gets a soft score in [0, 1], so a sample that is nearly right
+# earns nearly full marks: dense rewards teach far faster than all-or-nothing ones.
+BACKGROUND = (0.92, 0.92, 0.92)
+COLOURS = {"red": (0.85, 0.15, 0.15), "green": (0.15, 0.65, 0.2), "blue": (0.15, 0.3, 0.85), "yellow": (0.95, 0.8, 0.1)}
+# how much of its bounding box each shape fills, as measured on rendered 32 px images (exactly: pi/4, 1 and
+# 1/2; anti-aliased edges at the detector's threshold widen the small triangle's share)
+SHAPES = {"circle": 0.78, "square": 0.99, "triangle": 0.57}
+SIDES = ("left", "right")
+
+
+def parse_shape_prompt(prompt):
+    """The attributes a shapes-world prompt names: {'colour': ..., 'shape': ..., 'side': ...} (any may be absent)."""
+    words = prompt.lower().replace(",", " ").split()
+    named = {}
+    for key, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("side", SIDES)):
+        found = [w for w in words if w in vocabulary]
+        if found:
+            named[key] = found[0]
+    return named
+
+
+def detect_shapes(images, threshold=0.25):
+    """Read each image's shape with fixed rules. Returns a list of dicts with, per image:
+    'mask_fraction' (share of pixels off the background), and soft probabilities 'colour', 'shape', 'side'
+    (dicts over the world's values), or None where the image shows no shape at all."""
+    x = images.detach().float().cpu().clamp(0, 1)                            # (B, 3, H, W)
+    B, _, H, W = x.shape
+    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    mask = (x - background).norm(dim=1) > threshold                          # (B, H, W) foreground
+    palette = torch.tensor(list(COLOURS.values()))                           # (K, 3)
+    xs = torch.arange(W, dtype=torch.float32)
+    results = []
+    for i in range(B):
+        m = mask[i]
+        area = int(m.sum())
+        if area < 4:
+            results.append(None)
+            continue
+        # colour: mean foreground colour, softmax over minus its distance to each palette colour (scale 0.1)
+        mean_colour = x[i][:, m].mean(dim=1)
+        colour_p = torch.softmax(-(palette - mean_colour).norm(dim=1) / 0.1, dim=0)
+        # shape: how much of its bounding box the shape fills, against SHAPES, softmax with scale 0.05
+        rows, cols = m.any(dim=1).nonzero(), m.any(dim=0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        fill = area / float(box)
+        shape_p = torch.softmax(-torch.tensor([abs(fill - f) for f in SHAPES.values()]) / 0.05, dim=0)
+        # side: where the shape's centroid lies, as a sigmoid of its distance from the middle (scale 1.5 px)
+        cx = (m.float().sum(dim=0) * xs).sum() / area
+        left = torch.sigmoid((W / 2 - 0.5 - cx) / 1.5)
+        results.append({"mask_fraction": area / (H * W), "fill": fill,
+                        "colour": dict(zip(COLOURS, colour_p.tolist())),
+                        "shape": dict(zip(SHAPES, shape_p.tolist())),
+                        "side": {"left": float(left), "right": float(1 - left)}})
+    return results
+
+
+def shape_scores(images, prompts):
+    """(soft, hard) per image: soft is the mean over the prompt's named attributes of the detector's probability
+    of the named value; hard is 1 if the most probable value of every named attribute is the named one."""
+    soft, hard = [], []
+    for detected, prompt in zip(detect_shapes(images), prompts):
+        named = parse_shape_prompt(prompt)
+        if not named:
+            raise UserError(f"the shapes rewards need prompts like 'a red circle on the left'; got {prompt!r}.")
+        if detected is None:
+            soft.append(0.0), hard.append(0.0)
+            continue
+        probs = [detected[k][v] for k, v in named.items()]
+        soft.append(float(np.mean(probs)))
+        hard.append(float(all(max(detected[k], key=detected[k].get) == v for k, v in named.items())))
+    return np.array(soft, dtype=np.float32), np.array(hard, dtype=np.float32)
+
+
+def shapes_alignment(images, prompts):
+    """Prompt alignment in the shapes world, dense, in [0, 1] (see shape_scores)."""
+    return shape_scores(images, prompts)[0]
+
+
+def shape_area(images, prompts):
+    """A DDPO-style objective in the shapes world: the share of the image the shape covers (bigger is better)."""
+    return np.array([0.0 if d is None else d["mask_fraction"] for d in detect_shapes(images)], dtype=np.float32)
+
+
+REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
+           "shapes_alignment": shapes_alignment, "shape_area": shape_area}
 
 
 def get_reward_fn(name):
@@ -370,6 +476,8 @@ def compute_rewards(reward_fn, images, prompts):
 
 def load_prompts(path):
     """Prompts from a text file: one a line; blank lines and lines starting with '#' are skipped."""
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(PROJECT, path)):
+        path = os.path.join(PROJECT, path)  # the project's own prompt files work from any directory
     if not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist.")
     with open(path, encoding="utf-8") as f:
@@ -388,14 +496,18 @@ def arg(default, help, choices=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-def parse_args(args_class, argv=None, description=None):
-    """Build --kebab-case flags from a dataclass, parse argv, and apply --resume.
+def parse_args(args_class, argv=None, description=None, presets=None):
+    """Build --kebab-case flags from a dataclass, parse argv, and apply presets and --resume.
 
-    With --resume DIR the run's saved config.json is loaded, and only flags given on this command line
-    (for example a larger --num-epochs) override it; the run goes on writing into DIR.
+    presets maps a --model value to defaults that replace the dataclass's for that model (flags given on the
+    command line still win). With --resume DIR the run's saved config.json is loaded, and only flags given
+    on this command line (for example a larger --num-epochs) override it; the run goes on writing into DIR.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = "\n".join(f"--model {name} changes these defaults: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in preset.items()) for name, preset in (presets or {}).items())
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     flags = {}
     for f in dataclasses.fields(args_class):
         flag = "--" + f.name.replace("_", "-")
@@ -407,13 +519,15 @@ def parse_args(args_class, argv=None, description=None):
             parser.add_argument(flag, type=f.type if f.type in (int, float) else str, default=f.default,
                                 choices=f.metadata["choices"], help=help_text, metavar=None)
     ns = vars(parser.parse_args(argv))
+    given = {name for name, flag in flags.items() if any(a == flag or a.startswith(flag + "=") for a in argv)}
+    if not ns.get("resume") and ns["model"] in (presets or {}):
+        ns.update({k: v for k, v in presets[ns["model"]].items() if k not in given})
     if ns.get("resume"):
         config_path = os.path.join(ns["resume"], "config.json")
         if not os.path.isfile(config_path):
             raise UserError(f"--resume {ns['resume']!r}: no config.json there, so it is not a run directory.")
         with open(config_path) as fh:
             saved = json.load(fh)
-        given = {name for name, flag in flags.items() if any(a == flag or a.startswith(flag + "=") for a in argv)}
         ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
         ns["output_dir"] = ns["resume"]
     return args_class(**ns)
@@ -473,9 +587,10 @@ def read_metrics(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_grid(images, captions, path, columns=8):
-    """Save images (B, 3, H, W) in [0, 1] as one PNG grid, each with a short caption beneath."""
-    arrays = to_uint8(images)
+def save_grid(images, captions, path, columns=8, scale=1):
+    """Save images (B, 3, H, W) in [0, 1] as one PNG grid, each with a short caption beneath (and each image
+    enlarged `scale` times, pixel for pixel, for small models)."""
+    arrays = to_uint8(images).repeat(scale, axis=1).repeat(scale, axis=2)
     n, (h, w) = len(arrays), arrays.shape[1:3]
     columns = min(columns, n)
     rows = math.ceil(n / columns)

@@ -4,41 +4,16 @@ Same architecture family and file layout as SD v1.5, so the real loading code ru
 cross-attention in the lower block, a two-block VAE (latents 4 x res/2 x res/2), a two-layer CLIP text encoder,
 a CLIP byte-pair tokenizer whose merges spell whole words, and SD's DDIM scheduler configuration.
 """
-import json
 import os
+import sys
+import tempfile
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials"))
+from make_toy_model import write_tokenizer  # noqa: E402
+
 WORDS = ["a", "photo", "of", "cat", "dog", "horse", "red", "blue", "circle", "square"]
-
-
-def bpe_merges(words):
-    """Merges that build each word from its letters, left to right (the last letter carries '</w>')."""
-    merges, vocab = [], []
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            if pair not in merges:
-                merges.append(pair)
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-            vocab.append(symbols[0])
-    return merges, vocab
-
-
-def write_tokenizer(path, words=WORDS, max_length=16):
-    from transformers import CLIPTokenizer
-    os.makedirs(path, exist_ok=True)
-    letters = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz"))
-    merges, merged = bpe_merges(words)
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
-    tokens += [t for t in dict.fromkeys(merged) if t not in tokens]
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
-                         model_max_length=max_length)
 
 
 def make_tiny_pipeline(path, resolution=32, seed=0, prediction_type="epsilon"):
@@ -47,7 +22,7 @@ def make_tiny_pipeline(path, resolution=32, seed=0, prediction_type="epsilon"):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = write_tokenizer(os.path.join(path, "tokenizer_src"))
+    tokenizer = write_tokenizer(tempfile.mkdtemp(), WORDS)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,

@@ -1,0 +1,98 @@
+"""The shapes world: renderer, pixel detector and rewards, tokenizer, and the toy-model training script."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tutorials"))
+import make_toy_model  # noqa: E402
+
+
+def rendered(n, seed=0):
+    rng = np.random.default_rng(seed)
+    truth, images = [], []
+    for _ in range(n):
+        attributes = make_toy_model.random_attributes(rng)
+        truth.append(attributes)
+        images.append(make_toy_model.render(*attributes, rng))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, truth
+
+
+def test_detector_reads_rendered_images_at_least_95_percent_right():
+    images, truth = rendered(500)
+    detected = common.detect_shapes(images)
+    for i, key in enumerate(("colour", "shape", "side")):
+        right = np.mean([max(d[key], key=d[key].get) == t[i] for d, t in zip(detected, truth)])
+        assert right >= 0.95, (key, right)
+    prompts = [make_toy_model.caption(*t) for t in truth]
+    soft, hard = common.shape_scores(images, prompts)
+    assert hard.mean() >= 0.95 and soft.mean() >= 0.9
+
+
+def test_alignment_reward_is_dense_and_prompt_specific():
+    images, truth = rendered(1, seed=3)
+    colour, shape, side = truth[0]
+    other_colour = next(c for c in common.COLOURS if c != colour)
+    other_side = next(s for s in common.SIDES if s != side)
+    full = common.shapes_alignment(images, [make_toy_model.caption(colour, shape, side)])[0]
+    one_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, side)])[0]
+    two_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, other_side)])[0]
+    assert full > 0.9 and 0.5 < one_wrong < 0.75 and 0.2 < two_wrong < 0.45  # about 1, 2/3 and 1/3
+    # only the attributes a prompt names are scored
+    assert common.shapes_alignment(images, [f"a {colour} shape"])[0] > 0.9
+
+
+def test_blank_image_scores_zero():
+    blank = torch.tensor(common.BACKGROUND).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    assert common.shapes_alignment(blank, ["a red circle on the left"])[0] == 0
+    assert common.shape_area(blank, [""])[0] == 0
+
+
+def test_prompts_that_name_nothing_are_refused():
+    images, _ = rendered(1)
+    with pytest.raises(common.UserError, match="prompts like 'a red circle on the left'"):
+        common.shapes_alignment(images, ["a photo of a dog"])
+
+
+def test_hand_checked_soft_scores():
+    """A pure red square on the left: the detector's numbers, worked by hand from its rules."""
+    x = torch.tensor(common.BACKGROUND).view(3, 1, 1).repeat(1, 32, 32)
+    x[:, 10:18, 4:12] = torch.tensor(common.COLOURS["red"]).view(3, 1, 1)  # 8 x 8 square, centroid column 7.5
+    d = common.detect_shapes(x[None])[0]
+    assert d["mask_fraction"] == pytest.approx(64 / 1024) and d["fill"] == pytest.approx(1.0)
+    assert common.shape_area(x[None], [""])[0] == pytest.approx(64 / 1024)
+    assert d["side"]["left"] == pytest.approx(1 / (1 + np.exp(-(15.5 - 7.5) / 1.5)), rel=1e-5)
+    # the colour is exactly red: distance 0 to red, softmax of -distance / 0.1
+    palette = np.array(list(common.COLOURS.values()))
+    expected = np.exp(-np.linalg.norm(palette - palette[0], axis=1) / 0.1)
+    assert d["colour"]["red"] == pytest.approx(expected[0] / expected.sum(), rel=1e-5)
+
+
+def test_tokenizer_spells_every_word_of_the_world(tmp_path):
+    tokenizer = make_toy_model.write_tokenizer(str(tmp_path), make_toy_model.WORDS)
+    for prompt in make_toy_model.all_prompts():
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)
+        assert tokens[1:-1] == [w + "</w>" for w in prompt.split()], prompt
+
+
+def test_prompt_file_lists_every_combination():
+    prompts = common.load_prompts("tutorials/shapes.txt")
+    assert sorted(prompts) == sorted(make_toy_model.all_prompts()) and len(prompts) == 24
+
+
+def test_training_script_smoke(tmp_path):
+    """A few steps of every stage, and the saved directory loads like Stable Diffusion does."""
+    out = tmp_path / "toy"
+    make_toy_model.main(["--output", str(out), "--vae-steps", "2", "--unet-steps", "2", "--eval-every", "0",
+                         "--batch-size", "4"])
+    pipe, params, _ = common.load_pipeline(str(out), "cpu", "no", lora_rank=4)
+    assert pipe.resolution == 32 and pipe.vae_scale_factor == 2
+    assert pipe.scheduler.config.set_alpha_to_one is False and pipe.scheduler.config.steps_offset == 1
+    images = common.evaluate(pipe, ["a red circle on the left"], 0, make_toy_model.SimpleNamespace(
+        num_steps=3, eta=1.0, guidance_scale=5.0))
+    assert images.shape == (1, 3, 32, 32)

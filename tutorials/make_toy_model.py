@@ -1,0 +1,253 @@
+"""Make the shapes-world toy model: a small text-to-image latent diffusion model trained on the CPU.
+
+    python tutorials/make_toy_model.py                 # about 20 minutes on two cores; writes toy_model/
+
+The world: one shape (circle, square or triangle) in one of four colours, on the left or right of a light
+32 x 32 image, captioned "a red circle on the left". The script renders that data set on the fly, then trains
+  1. a VAE (AutoencoderKL, 32 px -> 4 x 16 x 16 latents), by reconstruction with a small KL term;
+  2. a CLIP text encoder from scratch, with a byte-pair tokenizer whose merges spell the world's words,
+     together with a conditional UNet, by the usual noise-prediction loss (Stable Diffusion's noise schedule;
+     10% empty captions so classifier-free guidance works);
+and saves a StableDiffusionPipeline directory (fp16 safetensors, DDIM scheduler configured like Stable
+Diffusion's), which every script loads with `--model toy`, by the same code that loads Stable Diffusion.
+
+The UNet is trained deliberately briefly: the model must follow its prompts only partly, so that
+fine-tuning has something to improve. It prints the prompt alignment it reaches every --eval-every steps.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+WORDS = ["a", "on", "the", *common.COLOURS, *common.SHAPES, *common.SIDES]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data: rendered shapes and their captions
+# ---------------------------------------------------------------------------------------------------------
+
+def render(colour, shape, side, rng, resolution=32, supersample=4):
+    """One anti-aliased image (H, W, 3) uint8 of a shape of the given colour on the given side."""
+    s = supersample
+    size = resolution * s
+    image = Image.new("RGB", (size, size), tuple(int(255 * c) for c in common.BACKGROUND))
+    draw = ImageDraw.Draw(image)
+    r = rng.uniform(0.15, 0.22) * resolution                         # "radius" in pixels: 4.8 to 7 at 32 px
+    cx = (0.28 if side == "left" else 0.72) * resolution + rng.uniform(-0.06, 0.06) * resolution
+    cy = rng.uniform(r + 1, resolution - r - 1)
+    fill = tuple(int(255 * c) for c in common.COLOURS[colour])
+    cx, cy, r = cx * s, cy * s, r * s
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = 0.9 * r
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    else:  # an upright triangle fills half its bounding box
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return np.asarray(image.resize((resolution, resolution), Image.BOX))
+
+
+def random_attributes(rng):
+    return (rng.choice(list(common.COLOURS)), rng.choice(list(common.SHAPES)), rng.choice(common.SIDES))
+
+
+def caption(colour, shape, side):
+    return f"a {colour} {shape} on the {side}"
+
+
+def all_prompts():
+    return [caption(c, s, side) for c in common.COLOURS for s in common.SHAPES for side in common.SIDES]
+
+
+def batch(rng, n, resolution=32, drop_side=0.1, drop_all=0.1):
+    """n rendered images as a (n, 3, H, W) tensor in [-1, 1] and their captions: 10% leave out the side, 10%
+    are empty (the unconditional prompt of classifier-free guidance)."""
+    images, captions = [], []
+    for _ in range(n):
+        colour, shape, side = random_attributes(rng)
+        images.append(render(colour, shape, side, rng, resolution))
+        u = rng.random()
+        captions.append("" if u < drop_all else f"a {colour} {shape}" if u < drop_all + drop_side
+                        else caption(colour, shape, side))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A CLIP byte-pair tokenizer that spells whole words
+# ---------------------------------------------------------------------------------------------------------
+
+def bpe_merges(words):
+    """Merges that build each word from its letters, left to right (the last letter carries '</w>'): without
+    them CLIP's tokenizer turns every word of more than one letter into <|endoftext|>."""
+    merges, made = [], []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            if (symbols[0], symbols[1]) not in merges:
+                merges.append((symbols[0], symbols[1]))
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+            made.append(symbols[0])
+    return merges, made
+
+
+def write_tokenizer(path, words, max_length=16):
+    from transformers import CLIPTokenizer
+    os.makedirs(path, exist_ok=True)
+    letters = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz"))
+    merges, made = bpe_merges(words)
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    tokens += [t for t in dict.fromkeys(made) if t not in tokens]
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
+                         model_max_length=max_length)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The models
+# ---------------------------------------------------------------------------------------------------------
+
+def make_models(tokenizer, resolution=32):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=32, sample_size=resolution)
+    # cross-attention only at 8 x 8: at 16 x 16 too, a step costs about ten times more on the CPU
+    unet = UNet2DConditionModel(sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=32)
+    return vae, text_encoder, unet
+
+
+def sd_ddim_scheduler():
+    """Stable Diffusion v1.5's scheduler settings."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def train_vae(vae, rng, steps, batch_size, log):
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    for step in range(1, steps + 1):
+        x, _ = batch(rng, batch_size)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps:
+            log(f"vae step {step}/{steps}  reconstruction mse {mse.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # SD's scaling factor makes the latents unit-variance for the UNet
+        latents = torch.cat([vae.encode(batch(rng, batch_size)[0]).latent_dist.sample() for _ in range(8)])
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    log(f"vae scaling factor {vae.config.scaling_factor:.4f}")
+
+
+def make_pipeline(vae, text_encoder, tokenizer, unet):
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def evaluate(pipe, images_per_prompt=4, seed=1234, num_steps=20):
+    """Prompt alignment of the pipeline on every prompt: (mean soft score, share of images fully right)."""
+    pipe.resolution = 32
+    prompts = [p for p in all_prompts() for _ in range(images_per_prompt)]
+    settings = SimpleNamespace(num_steps=num_steps, eta=1.0, guidance_scale=5.0)
+    soft, hard = common.shape_scores(common.evaluate(pipe, prompts, seed, settings), prompts)
+    return float(soft.mean()), float(hard.mean())
+
+
+def train_unet(pipe, rng, steps, batch_size, lr, log, eval_every, snapshot_dir=None):
+    from diffusers import DDPMScheduler
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    num_train_timesteps=1000)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    for step in range(1, steps + 1):
+        unet.train(), text_encoder.train()
+        x, captions = batch(rng, batch_size)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch_size,))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == steps:
+            log(f"unet step {step}/{steps}  noise-prediction mse {loss.item():.4f}")
+        if eval_every and (step % eval_every == 0 or step == steps):
+            unet.eval(), text_encoder.eval()
+            soft, hard = evaluate(pipe)
+            log(f"unet step {step}: prompt alignment {100 * soft:.1f} (soft), {100 * hard:.1f}% fully right")
+            if snapshot_dir:
+                pipe.save_pretrained(os.path.join(snapshot_dir, f"step{step:05d}"), safe_serialization=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=os.path.join(ROOT, "toy_model"), help="pipeline directory to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
+    parser.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")
+    parser.add_argument("--unet-steps", type=int, default=1500, help="UNet + text encoder training steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per training step")
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the UNet and text encoder")
+    parser.add_argument("--eval-every", type=int, default=500, help="measure prompt alignment every N UNet steps")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--snapshots", default=None, help="also save the pipeline at every evaluation, under this folder")
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    start = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tokenizer(tmp, WORDS)
+        vae, text_encoder, unet = make_models(tokenizer)
+        log(f"parameters: vae {sum(p.numel() for p in vae.parameters()):,}, text encoder "
+            f"{sum(p.numel() for p in text_encoder.parameters()):,}, unet {sum(p.numel() for p in unet.parameters()):,}")
+        train_vae(vae, rng, opts.vae_steps, opts.batch_size, log)
+        pipe = make_pipeline(vae, text_encoder, tokenizer, unet)
+        train_unet(pipe, rng, opts.unet_steps, opts.batch_size, opts.lr, log, opts.eval_every, opts.snapshots)
+        pipe.to(torch.float16).save_pretrained(opts.output, safe_serialization=True)
+    log(f"saved {opts.output}")
+
+
+if __name__ == "__main__":
+    main()
