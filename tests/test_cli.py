@@ -70,3 +70,13 @@ def test_help_documents_every_flag_with_default_and_source(script, module):
         assert entry.group(1).replace(" ", "") == str(field.default).replace(" ", ""), flag  # argparse wraps at "-"
         if field.name not in NO_SOURCE:
             assert SOURCE.search(entry.group(0)), f"{flag} does not say where its default comes from"
+
+
+def test_toy_preset_replaces_defaults_but_not_given_flags():
+    import common
+    args = common.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate", "5e-4"], presets=ddpo.PRESETS)
+    assert args.learning_rate == 5e-4                                   # given: kept
+    assert args.num_steps == ddpo.PRESETS["toy"]["num_steps"] != ddpo.Args.num_steps  # not given: preset
+    assert args.reward == "shapes_alignment"
+    plain = common.parse_args(ddpo.Args, ["--model", "some/model"], presets=ddpo.PRESETS)
+    assert plain.num_steps == ddpo.Args.num_steps and plain.learning_rate == ddpo.Args.learning_rate
