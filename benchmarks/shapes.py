@@ -29,7 +29,7 @@ EVAL_IMAGES_PER_PROMPT = 4
 
 
 def load_trained(args, run_dir=None):
-    """The toy pipeline as configured by `args`; with run_dir, with that run's fine-tuned weights loaded."""
+    """(pipe, autocast): the toy pipeline as configured by `args`; with run_dir, with that run's weights."""
     pipe, params, autocast = common.load_pipeline(args.model, args.device, args.mixed_precision, args.lora_rank,
                                                   args.resolution, args.seed)
     if run_dir is not None:
@@ -38,7 +38,7 @@ def load_trained(args, run_dir=None):
     return pipe, autocast
 
 
-def measure(pipe, args, autocast, prompts):
+def measure(pipe, autocast, args, prompts):
     """On the held-apart evaluation noise: the run's own reward, alignment (soft x 100, and % fully right) and
     shape area (% of the image); also one image per prompt for the grids."""
     pipe.unet.eval()
@@ -76,8 +76,8 @@ def main(argv=None):
             for seed in opts.seeds:
                 args, run_dir, seconds = fine_tune(algorithm, seed, extra, workdir)
                 prompts = common.load_prompts(args.prompt_file)
-                before, before_images = measure(*load_trained(args), prompts)
-                after, after_images = measure(*load_trained(args, run_dir), prompts)
+                before, before_images = measure(*load_trained(args), args, prompts)
+                after, after_images = measure(*load_trained(args, run_dir), args, prompts)
                 rows.append((algorithm, seed, before, after, seconds, args.num_epochs))
                 if seed == opts.seeds[0]:
                     captions = [p.replace("a ", "", 1).replace(" on the", "") for p in prompts]

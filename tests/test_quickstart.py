@@ -30,7 +30,7 @@ def test_readme_quickstart_runs_and_raises_the_objective(tmp_path):
     run_dir = str(tmp_path / "runs" / "quickstart")
     args = common.parse_args(__import__("ddpo").Args, ["--resume", run_dir])
     prompts = common.load_prompts(args.prompt_file)
-    before, _ = shapes.measure(*shapes.load_trained(args), prompts)
-    after, _ = shapes.measure(*shapes.load_trained(args, run_dir), prompts)
+    before, _ = shapes.measure(*shapes.load_trained(args), args, prompts)
+    after, _ = shapes.measure(*shapes.load_trained(args, run_dir), args, prompts)
     print(f"shape area on held-apart noise: {before['area']:.1f}% -> {after['area']:.1f}%")
     assert after["area"] > before["area"] + 1.5  # the benchmark's 40-epoch runs gain far more
