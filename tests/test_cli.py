@@ -77,6 +77,6 @@ def test_toy_preset_replaces_defaults_but_not_given_flags():
     args = common.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate", "5e-4"], presets=ddpo.PRESETS)
     assert args.learning_rate == 5e-4                                   # given: kept
     assert args.num_steps == ddpo.PRESETS["toy"]["num_steps"] != ddpo.Args.num_steps  # not given: preset
-    assert args.reward == "shapes_alignment"
+    assert args.reward == "shape_area" and args.lora_rank == 0
     plain = common.parse_args(ddpo.Args, ["--model", "some/model"], presets=ddpo.PRESETS)
     assert plain.num_steps == ddpo.Args.num_steps and plain.learning_rate == ddpo.Args.learning_rate
