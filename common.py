@@ -45,12 +45,6 @@ def run_main(main):
 # The policy: one stochastic DDIM step and the log-density of its outcome
 # --------------------------------------------------------------------------------------------------------------
 
-def _per_sample(values, timestep, batch_size, device):
-    """Look up a per-timestep table at `timestep` (scalar or (B,)), giving a float32 (B, 1, 1, 1) tensor."""
-    t = torch.as_tensor(timestep, device=values.device).long().reshape(-1).expand(batch_size)
-    return values[t].to(device=device, dtype=torch.float32).view(batch_size, 1, 1, 1)
-
-
 def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
     """One DDIM step x_t -> x_{t-1} with noise (eta > 0) and the log-density of x_{t-1} under it.
 

@@ -13,7 +13,6 @@ Scale: log-probs are MEANS over latent elements (the reference code's convention
 (1e-4) is a bound on a per-element ratio. Everything else is in common.py; the lines that are DDPO's own
 are marked "ALGO LOGIC".
 """
-import os
 from collections import deque
 from dataclasses import dataclass
 
