@@ -500,7 +500,8 @@ def parse_args(args_class, argv=None, description=None, presets=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     epilog = "\n".join(f"--model {name} changes these defaults: " + ", ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in preset.items()) for name, preset in (presets or {}).items())
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+    # allow_abbrev=False: presets and --resume must see which flags were given, by their full names
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     flags = {}
     for f in dataclasses.fields(args_class):

@@ -80,3 +80,12 @@ def test_toy_preset_replaces_defaults_but_not_given_flags():
     assert args.reward == "shape_area" and args.lora_rank == 0
     plain = common.parse_args(ddpo.Args, ["--model", "some/model"], presets=ddpo.PRESETS)
     assert plain.num_steps == ddpo.Args.num_steps and plain.learning_rate == ddpo.Args.learning_rate
+
+
+def test_abbreviated_flags_are_refused_rather_than_overridden_by_a_preset():
+    """argparse would read --learning as --learning-rate, but the preset would not see it as given."""
+    import common
+    with pytest.raises(SystemExit):
+        common.parse_args(ddpo.Args, ["--model", "toy", "--learning", "5e-4"], presets=ddpo.PRESETS)
+    args = common.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate=5e-4"], presets=ddpo.PRESETS)
+    assert args.learning_rate == 5e-4
