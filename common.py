@@ -7,6 +7,7 @@ Notation follows ../shared/PAPERS.md: abar_t is DDPM's cumulative alpha (diffuse
 DDIM paper calls alpha_t), sigma_t the DDIM step's standard deviation, eta its stochasticity.
 """
 import argparse
+import copy
 import dataclasses
 import importlib
 import io
@@ -193,20 +194,47 @@ def recompute_log_probs(pipe, latents, next_latents, timesteps, prompt_embeds, n
     return log_prob
 
 
-def sample_epoch(pipe, args, prompts, negative_embeds, generator, autocast, progress=True):
-    """Sample args.sample_batches_per_epoch batches of args.sample_batch_size prompts drawn uniformly at random.
+def sample_epoch(pipe, args, prompts, negative_embeds, generator, autocast, images_per_prompt=1,
+                 shared_noise=False, draw=True, progress=True):
+    """Sample args.sample_batch_size * args.sample_batches_per_epoch images, in batches of args.sample_batch_size.
 
-    Returns (the prompts, Trajectories of all of them concatenated along the batch)."""
-    n = args.sample_batch_size * args.sample_batches_per_epoch
-    batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (n,), generator=generator).tolist()]
+    With draw=True the prompts are drawn uniformly at random, one for every `images_per_prompt` images (which
+    then sit next to each other); with draw=False every prompt given is sampled `images_per_prompt` times.
+    shared_noise=True gives the images of one prompt the same x_T (D3PO's pairs).
+    Returns (the prompt of each image, Trajectories of all of them concatenated along the batch)."""
+    if draw:
+        n_prompts = args.sample_batch_size * args.sample_batches_per_epoch // images_per_prompt
+        prompts = [prompts[i] for i in torch.randint(len(prompts), (n_prompts,), generator=generator).tolist()]
+    batch_prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    noise = None
+    if shared_noise:
+        shape = (len(prompts), pipe.unet.config.in_channels, *latent_size(pipe))
+        noise = torch.randn(shape, generator=generator, device=generator.device).repeat_interleave(images_per_prompt, 0)
     parts = []
-    for start in range(0, n, args.sample_batch_size):
+    for start in range(0, len(batch_prompts), args.sample_batch_size):
         embeds = encode_prompts(pipe, batch_prompts[start:start + args.sample_batch_size])
-        parts.append(sample_trajectories(pipe, embeds, negative_embeds, args.num_steps, args.eta,
-                                         args.guidance_scale, generator, autocast=autocast, progress=progress))
+        latents = None if noise is None else noise[start:start + args.sample_batch_size]
+        parts.append(sample_trajectories(pipe, embeds, negative_embeds, args.num_steps, args.eta, args.guidance_scale,
+                                         generator, latents=latents, autocast=autocast, progress=progress))
     return batch_prompts, Trajectories(*(torch.cat([getattr(p, f.name) for p in parts])
                                          if f.name != "timesteps" else parts[0].timesteps
                                          for f in dataclasses.fields(Trajectories)))
+
+
+@torch.no_grad()
+def reference_log_probs(pipe, samples, negative_embeds, args, autocast=nullcontext):
+    """log pi_ref of every sampled step, (B, T): the reference model's log-probs do not depend on the trained
+    parameters, so D3PO and PRDP compute them once per sample, here, and never in the training loop."""
+    B, T = samples.log_probs.shape
+    out = torch.empty_like(samples.log_probs)
+    with reference_model(pipe):
+        for start in range(0, B, args.sample_batch_size):
+            i = slice(start, start + args.sample_batch_size)
+            for s in range(T):
+                out[i, s] = recompute_log_probs(pipe, samples.latents[i, s], samples.latents[i, s + 1],
+                                                samples.timesteps[s], samples.prompt_embeds[i], negative_embeds,
+                                                args.guidance_scale, args.eta, autocast)
+    return out
 
 
 def evaluate(pipe, prompts, seed, args, autocast=nullcontext, batch_size=32):
@@ -240,13 +268,19 @@ def resolve_precision(mixed_precision, device):
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=None, seed=0):
+def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=None, seed=0, start_from=None,
+                  reference=False):
     """Load a Stable Diffusion pipeline for fine-tuning and return (pipe, trainable_params, autocast).
 
     VAE and text encoder are frozen (and kept in the half-precision dtype when mixed precision is on). With
     lora_rank > 0, LoRA adapters (peft) on the attention projections are the only trainable parameters, kept
     in float32; lora_rank = 0 trains the whole UNet in float32. `autocast` is a context-manager factory for the
     UNet forward passes.
+
+    start_from: a finished run's directory whose weights (its lora/, merged into the UNet, or its unet/) replace
+    the model's before training starts, so they are also the reference (D3PO's rounds of human feedback).
+    reference=True: `reference_model(pipe)` must work. With LoRA that costs nothing (the adapters are switched
+    off); with full fine-tuning a frozen copy of the starting UNet is kept, as the papers' code does.
     """
     import diffusers
     import transformers
@@ -271,6 +305,8 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
         raise UserError(f"could not reach or load {model!r} from the Hugging Face Hub (offline?); "
                         f"download it once, or pass a local diffusers directory with --model.")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if start_from:
+        load_start_weights(pipe, start_from)
     pipe.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
 
@@ -284,6 +320,8 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     else:
         pipe.unet.requires_grad_(True).to(device, torch.float32)
+        if reference:
+            pipe.reference_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
     trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()  # trainable weights stay float32 under mixed precision
@@ -291,15 +329,36 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
     return pipe, trainable, autocast
 
 
+def load_start_weights(pipe, run_dir):
+    """Replace the pipeline's UNet weights by those a run saved in run_dir (lora/ is fused into the UNet)."""
+    from diffusers import UNet2DConditionModel
+    if os.path.isdir(os.path.join(run_dir, "lora")):
+        pipe.load_lora_weights(os.path.join(run_dir, "lora"))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    elif os.path.isdir(os.path.join(run_dir, "unet")):
+        pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(run_dir, "unet"))
+    else:
+        raise UserError(f"--start-from {run_dir!r}: no lora/ or unet/ there, so it is not a finished run.")
+
+
 @contextmanager
 def reference_model(pipe):
-    """Inside this context the UNet is the model before fine-tuning: the LoRA adapters are switched off, so the
-    reference policy costs no second copy of the UNet."""
-    pipe.unet.disable_adapters()
+    """Inside this context the UNet is the model before fine-tuning (needs load_pipeline(reference=True)).
+
+    With LoRA the adapters are switched off, so the reference policy costs no second copy of the UNet; with
+    full fine-tuning the frozen copy made at loading stands in for the UNet."""
+    trained = pipe.unet
+    if getattr(pipe, "reference_unet", None) is not None:
+        pipe.unet = pipe.reference_unet
+    else:
+        pipe.unet.disable_adapters()
     try:
         yield
     finally:
-        pipe.unet.enable_adapters()
+        if pipe.unet is trained:
+            pipe.unet.enable_adapters()
+        pipe.unet = trained
 
 
 def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
@@ -412,25 +471,34 @@ def detect_shapes(images, threshold=0.25):
 
 
 def shape_scores(images, prompts):
-    """(soft, hard) per image: soft is the mean over the prompt's named attributes of the detector's probability
-    of the named value; hard is 1 if the most probable value of every named attribute is the named one."""
-    soft, hard = [], []
+    """(soft, hard, right) per image: soft is the mean over the prompt's named attributes of the detector's
+    probability of the named value; right is the share of named attributes whose most probable value is the
+    named one (0, 1/3, 2/3 or 1), and hard is 1 where all of them are."""
+    soft, right = [], []
     for detected, prompt in zip(detect_shapes(images), prompts):
         named = parse_shape_prompt(prompt)
         if not named:
             raise UserError(f"the shapes rewards need prompts like 'a red circle on the left'; got {prompt!r}.")
         if detected is None:
-            soft.append(0.0), hard.append(0.0)
+            soft.append(0.0), right.append(0.0)
             continue
-        probs = [detected[k][v] for k, v in named.items()]
-        soft.append(float(np.mean(probs)))
-        hard.append(float(all(max(detected[k], key=detected[k].get) == v for k, v in named.items())))
-    return np.array(soft, dtype=np.float32), np.array(hard, dtype=np.float32)
+        soft.append(float(np.mean([detected[k][v] for k, v in named.items()])))
+        right.append(float(np.mean([max(detected[k], key=detected[k].get) == v for k, v in named.items()])))
+    right = np.array(right, dtype=np.float32)
+    return np.array(soft, dtype=np.float32), (right == 1).astype(np.float32), right
 
 
 def shapes_alignment(images, prompts):
     """Prompt alignment in the shapes world, dense, in [0, 1] (see shape_scores)."""
     return shape_scores(images, prompts)[0]
+
+
+def shapes_correct(images, prompts):
+    """Prompt alignment as a person would count it: the share of the prompt's colour, shape and side drawn right.
+
+    Coarser than shapes_alignment, whose small differences between two images of one prompt (a slightly rounder
+    square) are mostly noise: compared in pairs, this one calls such images a tie, as a labeller would."""
+    return shape_scores(images, prompts)[2]
 
 
 def shape_area(images, prompts):
@@ -439,7 +507,7 @@ def shape_area(images, prompts):
 
 
 REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
-           "shapes_alignment": shapes_alignment, "shape_area": shape_area}
+           "shapes_alignment": shapes_alignment, "shapes_correct": shapes_correct, "shape_area": shape_area}
 
 
 def get_reward_fn(name):
@@ -680,7 +748,7 @@ def start_output(args, start_epoch):
 
 def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, rewards, extra, grid_size=16):
     """Image grid, a metrics line, then the checkpoint: an interruption at any point loses at most this epoch."""
-    captions = [f"{r:.3g} {p}" for p, r in zip(prompts, rewards)]
+    captions = list(prompts) if rewards is None else [f"{r:.3g} {p}" for p, r in zip(prompts, rewards)]
     save_grid(images[:grid_size], captions[:grid_size], os.path.join(args.output_dir, "samples", f"epoch_{epoch:04d}.png"))
     append_metrics(args.output_dir, metrics)
     save_checkpoint(pipe, optimizer, scaler, epoch, extra, args.output_dir)
