@@ -1,0 +1,160 @@
+"""d3po.py end to end on a tiny pipeline: an online run, a round of human feedback (sample, label, train), a
+second round from the first one's LoRA, resume, and label files that do not match their round."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import d3po
+
+
+def tiny_args(tiny_dir, prompt_file, output_dir, epochs=2, *extra):
+    return ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(output_dir),
+            "--num-epochs", str(epochs), "--resolution", "32", "--num-steps", "4", "--sample-batch-size", "4",
+            "--sample-batches-per-epoch", "2", "--train-batch-size", "2", "--gradient-accumulation-steps", "2",
+            "--learning-rate", "3e-2", "--device", "cpu", "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def online_run(tiny_dir, prompt_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("d3po") / "run"
+    d3po.main(tiny_args(tiny_dir, prompt_file, out))
+    return out
+
+
+def test_online_run_writes_every_output(online_run):
+    out = online_run
+    rows = common.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("reward_mean", "reward_std", "loss", "accuracy", "clipfrac", "seconds"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert all(0 < r["pairs"] <= 4 for r in rows)  # 8 images = 4 pairs, ties dropped
+    assert rows[1]["clipfrac"] > 0   # lr 3e-2 moved it past the clamp
+    assert sorted(os.listdir(out / "samples")) == ["epoch_0000.png", "epoch_0001.png"]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+    assert not [f for f in os.listdir(out) if f.endswith((".tmp", ".old"))]
+
+
+def test_resume_continues_like_an_uninterrupted_run(online_run, tiny_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    d3po.main(tiny_args(tiny_dir, prompt_file, out, 1))
+    d3po.main(["--resume", str(out), "--num-epochs", "2"])
+    for a, b in zip(common.read_metrics(out), common.read_metrics(online_run), strict=True):
+        for key in ("reward_mean", "loss", "accuracy", "clipfrac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+    lora = "lora/pytorch_lora_weights.safetensors"
+    for name, value in load_file(str(out / lora)).items():
+        torch.testing.assert_close(value, load_file(str(online_run / lora))[name])
+
+
+def test_several_rewards_use_pareto_dominance(tiny_dir, prompt_file, tmp_path):
+    d3po.main(tiny_args(tiny_dir, prompt_file, tmp_path / "two", 1, "--reward",
+                        "jpeg_compressibility,jpeg_incompressibility"))
+    row = common.read_metrics(tmp_path / "two")[0]
+    # one reward is minus the other, so no image dominates: every pair is a draw and nothing is trained
+    assert row["pairs"] == 0 and np.isnan(row["loss"])
+    assert row["jpeg_compressibility_mean"] == pytest.approx(-row["jpeg_incompressibility_mean"])
+
+
+def label(round_dir, name, scores):
+    template = json.loads((round_dir / "labels_template.json").read_text())
+    for entry, s in zip(template, scores):
+        entry["scores"] = s
+    (round_dir / "labels").mkdir(exist_ok=True)
+    (round_dir / "labels" / name).write_text(json.dumps(template))
+
+
+def round_args(tiny_dir, prompt_file, out, *extra):
+    return ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(out), "--resolution", "32",
+            "--num-steps", "3", "--images-per-prompt", "3", "--sample-batch-size", "6", "--train-batch-size", "2",
+            "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def first_round(tiny_dir, prompt_file, tmp_path_factory):
+    base = tmp_path_factory.mktemp("rounds")
+    d3po.main(round_args(tiny_dir, prompt_file, base / "round1", "--sample-only"))
+    return base
+
+
+def test_sample_only_writes_trajectories_sheets_and_a_template(first_round):
+    r = first_round / "round1"
+    template = json.loads((r / "labels_template.json").read_text())
+    assert [e["prompt"] for e in template] == ["a cat", "a dog", "a photo of a horse"]
+    assert all(e["scores"] == [None] * 3 and (r / e["sheet"]).is_file() for e in template)
+    t = load_file(str(r / "trajectories.safetensors"))
+    assert t["latents"].shape == (9, 4, 4, 16, 16) and t["log_probs"].shape == (9, 3)
+    torch.testing.assert_close(t["latents"][0::3, 0], t["latents"][1::3, 0], rtol=0, atol=0)  # one x_T per prompt
+    assert not (r / "checkpoint.pt").exists()
+
+
+def test_two_rounds_of_human_feedback(first_round, tiny_dir, prompt_file):
+    r1 = first_round / "round1"
+    label(r1, "alice.json", [[1, 0, 2], [0, 0, 0], [5, 1, 3]])
+    label(r1, "bob.json", [[1, 2, 2], [0, 0, 0], [5, 1, 3]])  # means: [1, 1, 2], ties, [5, 1, 3]
+    train1 = first_round / "train1"
+    d3po.main(round_args(tiny_dir, prompt_file, train1, "--labels", str(r1), "--num-epochs", "2",
+                         "--learning-rate", "1e-2"))
+    rows = common.read_metrics(train1)
+    assert [r["pairs"] for r in rows] == [2 + 3, 2 + 3]  # prompt 0: (0,2), (1,2); prompt 2: all three pairs
+    assert rows[1]["accuracy"] > 0 and "reward_mean" not in rows[0]
+    assert (train1 / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(os.listdir(train1 / "samples")) == 2
+
+    # round 2 samples from round 1's fine-tuned model, which becomes the new reference
+    r2 = first_round / "round2"
+    d3po.main(round_args(tiny_dir, prompt_file, r2, "--sample-only", "--start-from", str(train1)))
+    trained, params, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4)
+    trained.load_lora_weights(str(train1 / "lora"))
+    merged, _, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4, start_from=str(train1), reference=True)
+    x, t, emb = torch.randn(2, 4, 16, 16), torch.tensor(500), common.encode_prompts(merged, ["a cat", "a dog"])
+    with torch.no_grad():
+        want = trained.unet(x, t, encoder_hidden_states=emb).sample
+        got = merged.unet(x, t, encoder_hidden_states=emb).sample
+        with common.reference_model(merged):
+            ref = merged.unet(x, t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-4)
+    label(r2, "carol.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
+    d3po.main(round_args(tiny_dir, prompt_file, first_round / "train2", "--labels", str(r2), "--num-epochs", "1"))
+    assert json.loads((first_round / "train2" / "config.json").read_text())["start_from"] == str(train1)
+    assert common.read_metrics(first_round / "train2")[0]["pairs"] == 3 + 3 + 2
+
+
+BAD_LABELS = {
+    "wrong prompt count": ([[1, 2, 3]], "has 1 prompts but the round has 3"),
+    "wrong number of scores": ([[1, 2, 3], [1, 2], [1, 2, 3]], "prompt 1 ('a dog'): 2 scores for 3 images"),
+    "not a number": ([[1, 2, 3], [1, "good", 3], [1, 2, 3]], "prompt 1 ('a dog'), image #1: score 'good' is not a number"),
+    "left empty": ([[1, 2, 3], [1, 2, 3], [None, 2, 3]], "image #0: score None is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LABELS)
+def test_label_files_that_do_not_match_their_round_are_refused(case, first_round, tiny_dir, prompt_file, tmp_path):
+    scores, message = BAD_LABELS[case]
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in ("config.json", "trajectories.safetensors", "labels_template.json"):
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    template = json.loads((r / "labels_template.json").read_text())
+    entries = [dict(template[i], scores=s) for i, s in enumerate(scores)]
+    (r / "labels").mkdir()
+    (r / "labels" / "dave.json").write_text(json.dumps(entries))
+    with pytest.raises(common.UserError, match="dave.json") as error:
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
+    assert message in str(error.value)
+
+
+def test_a_round_without_labels_is_refused(first_round, tiny_dir, prompt_file, tmp_path):
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in ("config.json", "trajectories.safetensors", "labels_template.json"):
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    with pytest.raises(common.UserError, match="no label files"):
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
+    with pytest.raises(common.UserError, match="not a round written by --sample-only"):
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(tmp_path)))
