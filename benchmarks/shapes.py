@@ -44,7 +44,7 @@ def measure(pipe, autocast, args, prompts):
     pipe.unet.eval()
     eval_prompts = [p for p in prompts for _ in range(EVAL_IMAGES_PER_PROMPT)]
     images = common.evaluate(pipe, eval_prompts, EVAL_SEED, args, autocast)
-    soft, hard = common.shape_scores(images, eval_prompts)
+    soft, hard, _ = common.shape_scores(images, eval_prompts)
     reward = common.compute_rewards(common.get_reward_fn(args.reward), images, eval_prompts)
     return {"reward": float(reward.mean()), "alignment": 100 * float(soft.mean()),
             "fully_right": 100 * float(hard.mean()),
@@ -63,7 +63,7 @@ def fine_tune(algorithm, seed, extra_argv, workdir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="+", default=["ddpo"], choices=["ddpo"])
+    parser.add_argument("--algorithms", nargs="+", default=["ddpo"], choices=["ddpo", "d3po", "prdp"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's --num-epochs")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"), help="where grids go")

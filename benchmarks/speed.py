@@ -1,12 +1,10 @@
 """Time per epoch and UNet calls per phase, on a tiny pipeline built from configs (no download, CPU is fine).
 
     python benchmarks/speed.py                     # ddpo.py, 3 epochs, 20 steps, 32 px
-    python benchmarks/speed.py --steps 50 --epochs 5
+    python benchmarks/speed.py --algorithm prdp --steps 50 --epochs 5
 
 For each phase it prints seconds per epoch and how many UNet calls were made against the fewest the
-algorithm needs: sampling needs one call per denoising step per sampling batch (the conditional and
-unconditional halves of guidance batched together); DDPO's training needs one per trained step per training
-batch per inner epoch.
+algorithm needs (see minimum_calls).
 """
 import argparse
 import contextlib
@@ -24,12 +22,16 @@ import common  # noqa: E402
 
 @contextlib.contextmanager
 def count_unet_calls():
-    """Counts UNet forward calls made while sampling and while training: yields {'sample': n, 'train': n}."""
-    counts, phase = {"sample": 0, "train": 0}, ["other"]
-    originals = {name: getattr(common, name) for name in ("load_pipeline", "sample_trajectories", "recompute_log_probs")}
+    """Counts UNet forward calls made while sampling, computing reference log-probs and training: yields
+    {'sample': n, 'reference': n, 'train': n} (and 'other' for anything else)."""
+    counts, phase = {"sample": 0, "reference": 0, "train": 0}, ["other"]
+    names = {"sample_trajectories": "sample", "reference_log_probs": "reference", "recompute_log_probs": "train"}
+    originals = {name: getattr(common, name) for name in ("load_pipeline", *names)}
 
     def in_phase(name, fn):
         def wrapped(*args, **kwargs):
+            if phase[0] != "other":  # reference_log_probs calls recompute_log_probs: the outer phase counts
+                return fn(*args, **kwargs)
             phase[0] = name
             try:
                 return fn(*args, **kwargs)
@@ -37,14 +39,19 @@ def count_unet_calls():
                 phase[0] = "other"
         return wrapped
 
+    def count(*_):
+        counts[phase[0]] = counts.get(phase[0], 0) + 1
+
     def load_pipeline(*args, **kwargs):
         pipe, params, autocast = originals["load_pipeline"](*args, **kwargs)
-        pipe.unet.register_forward_hook(lambda *a: counts.__setitem__(phase[0], counts.get(phase[0], 0) + 1))
+        for unet in (pipe.unet, getattr(pipe, "reference_unet", None)):
+            if unet is not None:
+                unet.register_forward_hook(count)
         return pipe, params, autocast
 
     common.load_pipeline = load_pipeline
-    common.sample_trajectories = in_phase("sample", originals["sample_trajectories"])
-    common.recompute_log_probs = in_phase("train", originals["recompute_log_probs"])
+    for name, label in names.items():
+        setattr(common, name, in_phase(label, originals[name]))
     try:
         yield counts
     finally:
@@ -52,19 +59,36 @@ def count_unet_calls():
             setattr(common, name, fn)
 
 
-def minimum_calls(algorithm, args):
-    """The fewest UNet calls one epoch of `algorithm` needs with these settings: (sample, train)."""
-    sample = args.sample_batches_per_epoch * args.num_steps
+def minimum_calls(algorithm, args, rows):
+    """The fewest UNet calls the run needs with these settings, summed over its epochs (metrics `rows`), by phase.
+
+    Every phase batches the conditional and unconditional halves of guidance into one call. Sampling: one call
+    per step per sampling batch. Reference log-probs (D3PO, PRDP): the same, once per epoch. Training: DDPO one
+    call per trained step per training batch and inner epoch; D3PO one per step per batch of pairs (ties are
+    dropped, so it depends on the epoch's pairs); PRDP one per step per training batch with a graph, plus, from
+    the second gradient step of an epoch on, one without (the loss needs the whole trajectory's log-ratio before
+    any step can be backpropagated; at theta_old the sampled log-probs serve)."""
+    epochs, T = len(rows), args.num_steps
+    calls = {"sample": epochs * args.sample_batches_per_epoch * T, "reference": 0}
     n = args.sample_batch_size * args.sample_batches_per_epoch
     if algorithm == "ddpo":
-        trained_steps = max(1, int(args.num_steps * args.timestep_fraction))
-        return sample, args.inner_epochs * (n // args.train_batch_size) * trained_steps
-    raise ValueError(algorithm)
+        trained_steps = max(1, int(T * args.timestep_fraction))
+        calls["train"] = epochs * args.inner_epochs * (n // args.train_batch_size) * trained_steps
+    elif algorithm == "d3po":
+        calls["reference"] = calls["sample"]
+        calls["train"] = sum(-(-r["pairs"] // (args.train_batch_size // 2)) for r in rows) * T
+    elif algorithm == "prdp":
+        calls["reference"] = calls["sample"]
+        K, acc = args.grad_steps_per_epoch, args.gradient_accumulation_steps
+        calls["train"] = epochs * (2 * K - 1) * acc * T
+    else:
+        raise ValueError(algorithm)
+    return calls
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithm", default="ddpo", choices=["ddpo"])
+    parser.add_argument("--algorithm", default="ddpo", choices=["ddpo", "d3po", "prdp"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--resolution", type=int, default=32)
@@ -79,22 +103,28 @@ def main():
         argv = ["--model", model, "--prompt-file", prompts, "--output-dir", os.path.join(tmp, "run"),
                 "--num-epochs", str(opts.epochs), "--resolution", str(opts.resolution), "--num-steps", str(opts.steps),
                 "--sample-batch-size", "8", "--sample-batches-per-epoch", "2", "--train-batch-size", "4",
-                "--device", "cpu"]
+                "--gradient-accumulation-steps", "2", "--device", "cpu"]
+        if opts.algorithm == "prdp":
+            argv += ["--images-per-prompt", "4", "--grad-steps-per-epoch", "2"]
         start = time.perf_counter()
         with count_unet_calls() as counts:
             module.main(argv)
         wall = time.perf_counter() - start
         rows = common.read_metrics(os.path.join(tmp, "run"))
         args = common.parse_args(module.Args, argv)
-    min_sample, min_train = minimum_calls(opts.algorithm, args)
+    minimum = minimum_calls(opts.algorithm, args, rows)
     per_epoch = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     print(f"\n{opts.algorithm}.py on a tiny pipeline: {opts.epochs} epochs, {opts.steps} steps, "
           f"{args.sample_batch_size * args.sample_batches_per_epoch} samples/epoch, {opts.resolution} px, "
           f"{wall:.1f} s wall in all")
-    print(f"{'phase':<10}{'s/epoch':>10}{'UNet calls/epoch':>20}{'minimum':>10}")
-    print(f"{'sampling':<10}{per_epoch('sample_seconds'):>10.2f}{counts['sample'] / opts.epochs:>20.0f}{min_sample:>10}")
-    print(f"{'training':<10}{per_epoch('train_seconds'):>10.2f}{counts['train'] / opts.epochs:>20.0f}{min_train:>10}")
-    print(f"{'other':<10}{'':>10}{counts.get('other', 0) / opts.epochs:>20.0f}{0:>10}")
+    print(f"{'phase':<11}{'s/epoch':>10}{'UNet calls/epoch':>20}{'minimum':>10}")
+    print(f"{'sampling':<11}{per_epoch('sample_seconds'):>10.2f}{counts['sample'] / opts.epochs:>20.0f}"
+          f"{minimum['sample'] / opts.epochs:>10.0f}")
+    print(f"{'reference':<11}{'(in sampling)':>10}{counts['reference'] / opts.epochs:>20.0f}"
+          f"{minimum['reference'] / opts.epochs:>10.0f}")
+    print(f"{'training':<11}{per_epoch('train_seconds'):>10.2f}{counts['train'] / opts.epochs:>20.0f}"
+          f"{minimum['train'] / opts.epochs:>10.0f}")
+    print(f"{'other':<11}{'':>10}{counts.get('other', 0) / opts.epochs:>20.0f}{0:>10}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ import sys
 
 import pytest
 
+import d3po
 import ddpo
+import prdp
 from conftest import ROOT
 
-SCRIPTS = ["ddpo.py"]
+SCRIPTS = ["ddpo.py", "d3po.py", "prdp.py"]
 
 
 def run(script, *args, cwd=ROOT):
@@ -50,11 +52,11 @@ def test_bad_input_is_one_sentence_without_traceback(script, tiny_dir, prompt_fi
 
 
 # flags whose default is a choice of this project rather than a hyperparameter with a source
-NO_SOURCE = {"output_dir", "seed", "device", "resume", "mixed_precision"}
-SOURCE = re.compile(r"reference|paper|DDPO|D3PO|PRDP|Table|Sec\\.|SD v1")
+NO_SOURCE = {"output_dir", "seed", "device", "resume", "mixed_precision", "labels", "start_from"}
+SOURCE = re.compile(r"reference|paper|DDPO|D3PO|PRDP|Table|Sec\.|SD v1")
 
 
-@pytest.mark.parametrize("script, module", [("ddpo.py", ddpo)])
+@pytest.mark.parametrize("script, module", [("ddpo.py", ddpo), ("d3po.py", d3po), ("prdp.py", prdp)])
 def test_help_documents_every_flag_with_default_and_source(script, module):
     result = run(script, "--help")
     assert result.returncode == 0
@@ -65,7 +67,7 @@ def test_help_documents_every_flag_with_default_and_source(script, module):
     for field in fields:
         flag = "--" + field.name.replace("_", "-")
         # the help entry of this flag: from "--flag X" up to its "(default: ...)"
-        entry = re.search(re.escape(flag) + r"[ =]\S.*?\(default: ([^)]*)\)", text)
+        entry = re.search(re.escape(flag) + r"(?:, --no-\S+)?[ =]\S.*?\(default: ([^)]*)\)", text)
         assert entry, flag
         assert entry.group(1).replace(" ", "") == str(field.default).replace(" ", ""), flag  # argparse wraps at "-"
         if field.name not in NO_SOURCE:

@@ -98,15 +98,3 @@ def test_score_function_estimator_and_full_fine_tuning_run(tiny_dir, prompt_file
 def test_refuses_to_overwrite_a_run(finished_run, tiny_dir, prompt_file):
     with pytest.raises(common.UserError, match="already holds a run"):
         ddpo.main(tiny_args(tiny_dir, prompt_file, finished_run))
-
-
-def test_unet_calls_are_the_minimum(tiny_dir, prompt_file, tmp_path):
-    """One batched UNet call per sampling step, one per trained step: no pass is repeated."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from speed import count_unet_calls, minimum_calls
-    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 2, "--timestep-fraction", "0.5", "--inner-epochs", "2")
-    with count_unet_calls() as counts:
-        ddpo.main(argv)
-    min_sample, min_train = minimum_calls("ddpo", common.parse_args(ddpo.Args, argv))
-    assert (min_sample, min_train) == (2 * 4, 2 * (8 // 2) * 2)  # batches x steps; inner x batches x half the steps
-    assert counts == {"sample": 2 * min_sample, "train": 2 * min_train}

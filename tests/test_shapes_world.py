@@ -30,7 +30,7 @@ def test_detector_reads_rendered_images_at_least_95_percent_right():
         right = np.mean([max(d[key], key=d[key].get) == t[i] for d, t in zip(detected, truth)])
         assert right >= 0.95, (key, right)
     prompts = [make_toy_model.caption(*t) for t in truth]
-    soft, hard = common.shape_scores(images, prompts)
+    soft, hard, right = common.shape_scores(images, prompts)
     assert hard.mean() >= 0.95 and soft.mean() >= 0.9
 
 
@@ -107,3 +107,17 @@ def test_training_script_smoke(tmp_path):
     images = common.evaluate(pipe, ["a red circle on the left"], 0, make_toy_model.SimpleNamespace(
         num_steps=3, eta=1.0, guidance_scale=5.0))
     assert images.shape == (1, 3, 32, 32)
+
+
+def test_correct_counts_the_named_attributes_drawn_right():
+    images, truth = rendered(1, seed=3)
+    colour, shape, side = truth[0]
+    other_colour = next(c for c in common.COLOURS if c != colour)
+    other_shape = next(s for s in common.SHAPES if s != shape)
+    other_side = next(s for s in common.SIDES if s != side)
+    prompts = [make_toy_model.caption(colour, shape, side), make_toy_model.caption(other_colour, shape, side),
+               make_toy_model.caption(other_colour, shape, other_side),
+               make_toy_model.caption(other_colour, other_shape, other_side)]
+    got = common.shapes_correct(images.repeat(4, 1, 1, 1), prompts)
+    np.testing.assert_allclose(got, [1, 2 / 3, 1 / 3, 0], atol=1e-6)
+    assert common.get_reward_fn("shapes_correct") is common.shapes_correct

@@ -179,7 +179,7 @@ def evaluate(pipe, images_per_prompt=4, seed=1234, num_steps=20):
     pipe.resolution = 32
     prompts = [p for p in all_prompts() for _ in range(images_per_prompt)]
     settings = SimpleNamespace(num_steps=num_steps, eta=1.0, guidance_scale=5.0)
-    soft, hard = common.shape_scores(common.evaluate(pipe, prompts, seed, settings), prompts)
+    soft, hard, _ = common.shape_scores(common.evaluate(pipe, prompts, seed, settings), prompts)
     return float(soft.mean()), float(hard.mean())
 
 
