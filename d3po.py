@@ -35,7 +35,7 @@ class Args:
                      "hub id or local diffusers directory (D3PO reference code: SD v1.5)")
     prompt_file: str = arg("animals.txt", "prompts, one a line; '#' comments (D3PO: DDPO's animal prompts)")
     reward: str = arg("jpeg_compressibility", "reward(s) the online preferences come from; name or module:function, "
-                      "comma-separated for several (Pareto dominance) (D3PO Sec. 5.1: compressibility)")
+                      "comma-separated for several (Pareto dominance) (D3PO reward experiments: compressibility)")
     output_dir: str = arg("runs/d3po", "where config, metrics, image grids, LoRA and checkpoint are written")
     num_epochs: int = arg(400, "epochs of sample-then-train; with --labels, passes over the labelled pairs "
                           "(D3PO reference code: 400)")
@@ -48,7 +48,7 @@ class Args:
                                  "per GPU)")
     sample_batches_per_epoch: int = arg(2, "sampling batches per epoch (D3PO reference code: 2)")
     train_batch_size: int = arg(2, "images per training batch, two per pair (D3PO reference code: 1 pair)")
-    gradient_accumulation_steps: int = arg(1, "training batches per optimiser step (D3PO Sec. 4: one step per "
+    gradient_accumulation_steps: int = arg(1, "training batches per optimiser step (D3PO: one optimiser step per "
                                            "pair, accumulated over its denoising steps)")
     learning_rate: float = arg(3e-5, "AdamW learning rate (D3PO reference code: 3e-5)")
     weight_decay: float = arg(1e-4, "AdamW weight decay (reference: 1e-4)")
@@ -62,7 +62,7 @@ class Args:
     beta: float = arg(0.1, "beta of the DPO loss, on per-element mean log-probs (D3PO reference code: 0.1)")
     ratio_clip: float = arg(0.1, "pi_theta/pi_ref is clamped to [1 - eps, 1 + eps] (D3PO reference code: 0.1)")
     sample_only: bool = arg(False, "human feedback: sample a round for people to score into --output-dir, and stop "
-                            "(D3PO Sec. 4.2)")
+                            "(D3PO human-feedback experiments)")
     images_per_prompt: int = arg(7, "with --sample-only: images of each prompt, from one initial noise (D3PO: 7)")
     labels: str = arg(None, "human feedback: train on this scored round (a --sample-only directory with label "
                       "files in its labels/)")

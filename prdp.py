@@ -32,7 +32,7 @@ from common import arg
 class Args:
     # --- shared by ddpo.py, d3po.py and prdp.py ---
     model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     "hub id or local diffusers directory (PRDP Sec. 5: SD v1.4; the papers' family)")
+                     "hub id or local diffusers directory (PRDP fine-tuned SD v1.4, the same family)")
     prompt_file: str = arg("animals.txt", "prompts, one a line; '#' comments (PRDP Table 4 small scale: the 45 "
                            "animal prompts)")
     reward: str = arg("jpeg_compressibility", "reward name, or module:function for your own (PRDP used HPSv2 and "
@@ -41,19 +41,19 @@ class Args:
     num_epochs: int = arg(100, "epochs of sample-then-train (PRDP Table 4 small scale: 100)")
     seed: int = arg(0, "random seed; each epoch's randomness is derived from it, so resumed runs match")
     resolution: int = arg(512, "image size in pixels (SD at 512, as in the papers)")
-    num_steps: int = arg(50, "DDIM steps T (PRDP Sec. 5: 50)")
-    eta: float = arg(1.0, "DDIM stochasticity, in (0, 1] (PRDP Sec. 5: 1.0, DDPM sampling)")
-    guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (PRDP Sec. 5: 5.0)")
+    num_steps: int = arg(50, "DDIM steps T (PRDP setup: 50)")
+    eta: float = arg(1.0, "DDIM stochasticity, in (0, 1] (PRDP setup: 1.0, DDPM sampling)")
+    guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (PRDP setup: 5.0)")
     sample_batch_size: int = arg(16, "images per sampling batch (PRDP Table 4: B = 16 images of a prompt)")
     sample_batches_per_epoch: int = arg(32, "sampling batches per epoch (Table 4: N = 32 prompts, 16 images each)")
     train_batch_size: int = arg(16, "images per training batch, whole prompts only (Table 4: B = 16)")
     gradient_accumulation_steps: int = arg(32, "training batches per gradient step: 32 x 16 = every image of the "
                                            "epoch in each of the K steps (our reading of Table 4's N, B, K)")
     learning_rate: float = arg(1e-5, "AdamW learning rate (PRDP Table 4 small scale: 1e-5)")
-    weight_decay: float = arg(1e-4, "AdamW weight decay (PRDP Sec. 5: 1e-4)")
-    max_grad_norm: float = arg(1.0, "gradient-norm clip (PRDP Sec. 5: 1.0)")
+    weight_decay: float = arg(1e-4, "AdamW weight decay (PRDP setup: 1e-4)")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip (PRDP setup: 1.0)")
     lora_rank: int = arg(0, "LoRA rank on the UNet's attention projections; 0 trains the whole UNet, with a frozen "
-                         "copy as the reference (PRDP Sec. 5: full fine-tuning)")
+                         "copy as the reference (PRDP setup: full fine-tuning)")
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
@@ -97,7 +97,7 @@ def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
     sampling policy theta_old (n, T), their rewards (n,) and pairs (m, 2) of image indices.
 
     r_hat = mean_t log-ratio_t (trajectory log-ratio, appendix code); r_hat_clip likewise from the clipped steps
-    (Eq. 19); loss = mean over pairs of max( (r_hat_a - r_hat_b - (r_a - r_b)/beta)^2, the same clipped ) (Eq. 21).
+    (Eqs. 16-21); loss = mean over pairs of max( (r_hat_a - r_hat_b - (r_a - r_b)/beta)^2, the same clipped ).
     """
     clipped = old_log_ratio + (log_ratio - old_log_ratio).clamp(-clip_eps, clip_eps)
     r_hat, r_hat_clip = log_ratio.mean(1), clipped.mean(1)

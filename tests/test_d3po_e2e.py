@@ -108,7 +108,7 @@ def test_two_rounds_of_human_feedback(first_round, tiny_dir, prompt_file):
     # round 2 samples from round 1's fine-tuned model, which becomes the new reference
     r2 = first_round / "round2"
     d3po.main(round_args(tiny_dir, prompt_file, r2, "--sample-only", "--start-from", str(train1)))
-    trained, params, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4)
+    trained, _, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=0)  # no adapter of our own
     trained.load_lora_weights(str(train1 / "lora"))
     merged, _, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4, start_from=str(train1), reference=True)
     x, t, emb = torch.randn(2, 4, 16, 16), torch.tensor(500), common.encode_prompts(merged, ["a cat", "a dog"])
