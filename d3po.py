@@ -187,9 +187,11 @@ def adopt_round_settings(args):
                                f"it is not a round written by --sample-only.")
     with open(path) as f:
         saved = json.load(f)
+    changed = [f"--{n.replace('_', '-')} {saved[n]}" for n in ROUND_SETTINGS if getattr(args, n) != saved[n]]
+    if changed:
+        print(f"training on the round {args.labels} with its own settings: {', '.join(changed)}", flush=True)
     for name in ROUND_SETTINGS:
         setattr(args, name, saved[name])
-    return saved
 
 
 # ALGO LOGIC: every pair of a prompt's images whose (mean) scores differ
