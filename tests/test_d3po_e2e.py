@@ -158,3 +158,23 @@ def test_a_round_without_labels_is_refused(first_round, tiny_dir, prompt_file, t
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
     with pytest.raises(common.UserError, match="not a round written by --sample-only"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(tmp_path)))
+
+
+def test_training_on_a_round_takes_its_settings_and_says_which(first_round, tiny_dir, prompt_file, tmp_path,
+                                                               capsys):
+    """The stored log-probs are the reference's, so a round is trained with the steps, guidance, ... it was sampled
+    with; a flag that says otherwise is replaced, and the run prints which."""
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in ("config.json", "trajectories.safetensors", "labels_template.json"):
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    label(r, "erin.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
+    out = tmp_path / "out"
+    argv = round_args(tiny_dir, prompt_file, out, "--labels", str(r), "--num-epochs", "1")
+    argv[argv.index("--num-steps") + 1] = "5"
+    d3po.main(argv + ["--guidance-scale", "2.5"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "with its own settings" in line]
+    assert len(said) == 1 and "--num-steps 3" in said[0] and "--guidance-scale 5.0" in said[0]
+    assert "--resolution" not in said[0]  # unchanged settings are not listed
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_steps"] == 3 and config["guidance_scale"] == 5.0
