@@ -667,6 +667,50 @@ def save_grid(images, captions, path, columns=8, scale=1):
     atomic_write(path, lambda p: grid.save(p, format="PNG"))
 
 
+CURVE_SKIP = ("epoch", "reward_std", "sample_seconds", "train_seconds")
+
+
+def save_curves(rows, path, width=240, height=110, columns=3):
+    """Plot each numeric metric of metrics.jsonl rows against the epoch, one small panel each, into one PNG:
+    reward_mean first, with a band of +- reward_std; its title gives the first and last value."""
+    keys = [k for k in rows[0] if k not in CURVE_SKIP and isinstance(rows[0][k], (int, float))]
+    keys.sort(key=lambda k: k != "reward_mean")
+    rows_n = math.ceil(len(keys) / columns)
+    image = Image.new("RGB", (columns * width, rows_n * height), "white")
+    draw = ImageDraw.Draw(image)
+    epochs = [r["epoch"] for r in rows]
+    for i, key in enumerate(keys):
+        left, top = (i % columns) * width, (i // columns) * height
+        x0, x1, y0, y1 = left + 34, left + width - 8, top + 16, top + height - 14  # the plot box
+        values = [r.get(key) for r in rows]
+        finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        band = [(r[key] - r["reward_std"], r[key] + r["reward_std"]) for r in rows
+                if key == "reward_mean" and math.isfinite(r.get("reward_std", math.nan))]
+        low, high = min(finite + [b[0] for b in band], default=0.0), max(finite + [b[1] for b in band], default=1.0)
+        high = high if high > low else low + 1.0
+        e_low, e_span = epochs[0], max(epochs[-1] - epochs[0], 1)
+
+        def point(epoch, v):
+            return x0 + (x1 - x0) * (epoch - e_low) / e_span, y1 - (y1 - y0) * (v - low) / (high - low)
+
+        draw.rectangle([x0, y0, x1, y1], outline=(160, 160, 160))
+        title = key if not finite else f"{key}: {finite[0]:.3g} -> {finite[-1]:.3g}"
+        draw.text((left + 4, top + 2), title, fill="black")
+        draw.text((left + 2, y0), f"{high:.4g}", fill=(90, 90, 90))
+        draw.text((left + 2, y1 - 10), f"{low:.4g}", fill=(90, 90, 90))
+        draw.text((x0, y1 + 2), f"epoch {epochs[0]}", fill=(90, 90, 90))
+        draw.text((x1 - 40, y1 + 2), f"{epochs[-1]}", fill=(90, 90, 90))
+        if len(band) == len(rows) > 1:
+            draw.polygon([point(e, b[1]) for e, b in zip(epochs, band)] +
+                         [point(e, b[0]) for e, b in reversed(list(zip(epochs, band)))], fill=(205, 220, 245))
+        points = [point(e, v) for e, v in zip(epochs, values) if isinstance(v, (int, float)) and math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=(30, 80, 200), width=2)
+        for p in points[-1:]:
+            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 80, 200))
+    atomic_write(path, lambda p: image.save(p, format="PNG"))
+
+
 def trainable_state(pipe):
     """The trainable parameters by name (the LoRA weights, or the whole UNet for full fine-tuning)."""
     return {name: p.detach().cpu().clone() for name, p in pipe.unet.named_parameters() if p.requires_grad}
@@ -747,10 +791,12 @@ def start_output(args, start_epoch):
 
 
 def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, rewards, extra, grid_size=16):
-    """Image grid, a metrics line, then the checkpoint: an interruption at any point loses at most this epoch."""
+    """Image grid, a metrics line, the curves so far, then the checkpoint: an interruption at any point loses at
+    most this epoch."""
     captions = list(prompts) if rewards is None else [f"{r:.3g} {p}" for p, r in zip(prompts, rewards)]
     save_grid(images[:grid_size], captions[:grid_size], os.path.join(args.output_dir, "samples", f"epoch_{epoch:04d}.png"))
     append_metrics(args.output_dir, metrics)
+    save_curves(read_metrics(args.output_dir), os.path.join(args.output_dir, "curves.png"))
     save_checkpoint(pipe, optimizer, scaler, epoch, extra, args.output_dir)
 
 

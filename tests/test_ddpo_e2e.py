@@ -37,6 +37,7 @@ def test_writes_every_output(finished_run):
     assert sorted(os.listdir(out / "samples")) == ["epoch_0000.png", "epoch_0001.png"]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoint.pt").is_file()
+    assert (out / "curves.png").is_file()
     assert not [f for f in os.listdir(out) if f.endswith((".tmp", ".old"))]
 
 

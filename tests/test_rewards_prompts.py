@@ -60,3 +60,26 @@ def test_grid_has_one_cell_per_image(tmp_path):
     common.save_grid(images, ["a"] * 5, str(tmp_path / "g.png"), columns=4)
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (4 * 96, 2 * (16 + 12))
+
+
+def test_curves_draw_each_metric_in_its_own_panel_going_the_right_way(tmp_path):
+    rows = [{"epoch": e, "reward_mean": 0.1 * e, "reward_std": 0.05, "loss": 1.0 - 0.1 * e, "seconds": 3.0,
+             "sample_seconds": 1.0, "train_seconds": 2.0} for e in range(10)]
+    common.save_curves(rows, str(tmp_path / "c.png"), width=200, height=100, columns=3)
+    image = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    # panels: reward_mean, loss, seconds (std and the two phase times are not drawn): one row of three
+    assert image.shape == (100, 600, 3)
+    line = (np.abs(image - np.array([30, 80, 200])).sum(-1) < 30)  # the curves' colour
+
+    def height_at(panel, fraction):
+        """Mean row of the curve's pixels near a fraction of the panel's plot width."""
+        x = panel * 200 + 34 + int(fraction * (200 - 42))
+        rows_hit = np.nonzero(line[:, x - 2:x + 3].any(1))[0]
+        assert len(rows_hit), (panel, fraction)
+        return rows_hit.mean()
+
+    assert height_at(0, 0.05) > height_at(0, 0.95) + 40  # reward rises: the line ends higher (smaller row)
+    assert height_at(1, 0.05) + 40 < height_at(1, 0.95)  # loss falls
+    assert abs(height_at(2, 0.05) - height_at(2, 0.95)) < 3  # constant seconds: flat
+    band = (np.abs(image - np.array([205, 220, 245])).sum(-1) < 10)
+    assert band[:, :200].sum() > 200 and band[:, 200:].sum() == 0  # the +- std band only around the reward

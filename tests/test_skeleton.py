@@ -76,7 +76,8 @@ def test_same_outputs_and_the_fewest_unet_calls(name, tiny_dir, prompt_file, tmp
         MODULES[name].main(argv)
     out = tmp_path / "run"
     weights = "unet" if name == "prdp" else "lora"  # prdp.py fine-tunes the whole UNet by default, as the paper
-    assert sorted(os.listdir(out)) == sorted(["checkpoint.pt", "config.json", weights, "metrics.jsonl", "samples"])
+    assert sorted(os.listdir(out)) == sorted(["checkpoint.pt", "config.json", "curves.png", weights, "metrics.jsonl",
+                                            "samples"])
     assert sorted(os.listdir(out / "samples")) == ["epoch_0000.png", "epoch_0001.png"]
     rows = common.read_metrics(out)
     for key in ("epoch", "reward_mean", "reward_std", "loss", "sample_seconds", "train_seconds", "seconds"):
