@@ -2,6 +2,8 @@
 
     python benchmarks/shapes.py                          # ddpo.py, seeds 0 1 2, the toy preset (minutes each)
     python benchmarks/shapes.py --seeds 0 --epochs 10    # shorter
+    python benchmarks/shapes.py --algorithms d3po --seeds 0 --results /tmp/r -- --reward shapes_alignment
+                                                         # flags after -- go to the training script
 
 For each algorithm and seed it prints the prompt alignment of the model before and after fine-tuning
 (mean soft score x 100, and the share of images right in colour, shape and side), the shape-area objective,
@@ -67,8 +69,10 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's --num-epochs")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"), help="where grids go")
-    opts = parser.parse_args(argv)
-    extra = ["--num-epochs", str(opts.epochs)] if opts.epochs else []
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    opts = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    extra = (["--num-epochs", str(opts.epochs)] if opts.epochs else []) + script_flags
     os.makedirs(opts.results, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -87,6 +91,8 @@ def main(argv=None):
                                      columns=6, scale=4)
     print(f"\nshapes world: {EVAL_IMAGES_PER_PROMPT} images for each of the 24 prompts from held-apart noise, "
           f"before -> after fine-tuning")
+    if script_flags:
+        print(f"flags given to the training scripts: {' '.join(script_flags)}")
     print(f"{'algorithm':<10}{'seed':>5}{'epochs':>7}{'minutes':>8}  {'own reward':<22}{'alignment':<22}"
           f"{'fully right %':<22}{'area %':<22}")
     for algorithm, seed, b, a, seconds, epochs in rows:

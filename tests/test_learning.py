@@ -25,3 +25,17 @@ def test_short_toy_run_raises_the_objective(algorithm, tmp_path):
           f"in {seconds / 60:.1f} min")
     assert args.reward == "shape_area"
     assert after["area"] > before["area"] + 1.5
+
+
+def test_benchmark_passes_the_flags_after_a_double_dash_to_the_scripts(monkeypatch, tmp_path):
+    given = []
+
+    def fake_fine_tune(algorithm, seed, extra_argv, workdir):
+        given.append((algorithm, seed, extra_argv))
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(shapes, "fine_tune", fake_fine_tune)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.main(["--algorithms", "d3po", "--seeds", "3", "--epochs", "5", "--results", str(tmp_path), "--",
+                     "--reward", "shapes_alignment", "--learning-rate", "1e-4"])
+    assert given == [("d3po", 3, ["--num-epochs", "5", "--reward", "shapes_alignment", "--learning-rate", "1e-4"])]
