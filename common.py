@@ -685,7 +685,7 @@ def save_curves(rows, path, width=240, height=110, columns=3):
         values = [r.get(key) for r in rows]
         finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
         band = [(r[key] - r["reward_std"], r[key] + r["reward_std"]) for r in rows
-                if key == "reward_mean" and math.isfinite(r.get("reward_std", math.nan))]
+                if key == "reward_mean" and math.isfinite(r[key] + r.get("reward_std", math.nan))]
         low, high = min(finite + [b[0] for b in band], default=0.0), max(finite + [b[1] for b in band], default=1.0)
         high = high if high > low else low + 1.0
         e_low, e_span = epochs[0], max(epochs[-1] - epochs[0], 1)

@@ -70,8 +70,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's --num-epochs")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"), help="where grids go")
     argv = sys.argv[1:] if argv is None else list(argv)
-    script_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    opts = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    opts, script_flags = parser.parse_args(argv[:split]), argv[split + 1:]
     extra = (["--num-epochs", str(opts.epochs)] if opts.epochs else []) + script_flags
     os.makedirs(opts.results, exist_ok=True)
     rows = []
