@@ -682,8 +682,8 @@ def save_curves(rows, path, width=240, height=110, columns=3):
     for i, key in enumerate(keys):
         left, top = (i % columns) * width, (i // columns) * height
         x0, x1, y0, y1 = left + 34, left + width - 8, top + 16, top + height - 14  # the plot box
-        values = [r.get(key) for r in rows]
-        finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        curve = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        finite = [v for _, v in curve]
         band = [(r[key] - r["reward_std"], r[key] + r["reward_std"]) for r in rows
                 if key == "reward_mean" and math.isfinite(r[key] + r.get("reward_std", math.nan))]
         low, high = min(finite + [b[0] for b in band], default=0.0), max(finite + [b[1] for b in band], default=1.0)
@@ -703,7 +703,7 @@ def save_curves(rows, path, width=240, height=110, columns=3):
         if len(band) == len(rows) > 1:
             draw.polygon([point(e, b[1]) for e, b in zip(epochs, band)] +
                          [point(e, b[0]) for e, b in reversed(list(zip(epochs, band)))], fill=(205, 220, 245))
-        points = [point(e, v) for e, v in zip(epochs, values) if isinstance(v, (int, float)) and math.isfinite(v)]
+        points = [point(e, v) for e, v in curve]
         if len(points) > 1:
             draw.line(points, fill=(30, 80, 200), width=2)
         for p in points[-1:]:
