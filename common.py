@@ -413,7 +413,7 @@ def jpeg_incompressibility(images, prompts):
 
 
 # The shapes world (tutorials/make_toy_model.py): one coloured shape on a light background, captioned like
-# "a red circle on the left". Its rewards read pixels with fixed rules (no learned weights), so a student can
+# "a small red circle". Its rewards read pixels with fixed rules (no learned weights), so a student can
 # check every number by hand. Each attribute gets a soft score in [0, 1], so a sample that is nearly right
 # earns nearly full marks: dense rewards teach far faster than all-or-nothing ones.
 BACKGROUND = (0.92, 0.92, 0.92)
@@ -421,14 +421,17 @@ COLOURS = {"red": (0.85, 0.15, 0.15), "green": (0.15, 0.65, 0.2), "blue": (0.15,
 # how much of its bounding box each shape fills, as measured on rendered 32 px images (exactly: pi/4, 1 and
 # 1/2; anti-aliased edges at the detector's threshold widen the small triangle's share)
 SHAPES = {"circle": 0.78, "square": 0.99, "triangle": 0.57}
-SIDES = ("left", "right")
+# the "radius" of each size as a share of the image width (the renderer draws it uniformly in this range); a
+# circle's or triangle's bounding box is 2 r wide, a square's 1.8 r, so the boxes of the two sizes never overlap
+SIZES = {"small": (0.12, 0.16), "large": (0.23, 0.28)}
+SIZE_THRESHOLD = 0.39   # the detector's boundary between the sizes: box extent / image width (12.5 px at 32)
 
 
 def parse_shape_prompt(prompt):
-    """The attributes a shapes-world prompt names: {'colour': ..., 'shape': ..., 'side': ...} (any may be absent)."""
+    """The attributes a shapes-world prompt names: {'colour': ..., 'shape': ..., 'size': ...} (any may be absent)."""
     words = prompt.lower().replace(",", " ").split()
     named = {}
-    for key, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("side", SIDES)):
+    for key, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES)):
         found = [w for w in words if w in vocabulary]
         if found:
             named[key] = found[0]
@@ -437,14 +440,13 @@ def parse_shape_prompt(prompt):
 
 def detect_shapes(images, threshold=0.25):
     """Read each image's shape with fixed rules. Returns a list of dicts with, per image:
-    'mask_fraction' (share of pixels off the background), and soft probabilities 'colour', 'shape', 'side'
+    'mask_fraction' (share of pixels off the background), and soft probabilities 'colour', 'shape', 'size'
     (dicts over the world's values), or None where the image shows no shape at all."""
     x = images.detach().float().cpu().clamp(0, 1)                            # (B, 3, H, W)
     B, _, H, W = x.shape
     background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
     mask = (x - background).norm(dim=1) > threshold                          # (B, H, W) foreground
     palette = torch.tensor(list(COLOURS.values()))                           # (K, 3)
-    xs = torch.arange(W, dtype=torch.float32)
     results = []
     for i in range(B):
         m = mask[i]
@@ -460,13 +462,13 @@ def detect_shapes(images, threshold=0.25):
         box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         fill = area / float(box)
         shape_p = torch.softmax(-torch.tensor([abs(fill - f) for f in SHAPES.values()]) / 0.05, dim=0)
-        # side: where the shape's centroid lies, as a sigmoid of its distance from the middle (scale 1.5 px)
-        cx = (m.float().sum(dim=0) * xs).sum() / area
-        left = torch.sigmoid((W / 2 - 0.5 - cx) / 1.5)
-        results.append({"mask_fraction": area / (H * W), "fill": fill,
+        # size: the longer side of the bounding box against SIZE_THRESHOLD, a sigmoid with scale 1 px
+        extent = max(int(rows.max() - rows.min()), int(cols.max() - cols.min())) + 1
+        large = torch.sigmoid(torch.tensor((extent - SIZE_THRESHOLD * W) / 1.0))
+        results.append({"mask_fraction": area / (H * W), "fill": fill, "extent": extent / W,
                         "colour": dict(zip(COLOURS, colour_p.tolist())),
                         "shape": dict(zip(SHAPES, shape_p.tolist())),
-                        "side": {"left": float(left), "right": float(1 - left)}})
+                        "size": {"small": float(1 - large), "large": float(large)}})
     return results
 
 
@@ -478,7 +480,7 @@ def shape_scores(images, prompts):
     for detected, prompt in zip(detect_shapes(images), prompts):
         named = parse_shape_prompt(prompt)
         if not named:
-            raise UserError(f"the shapes rewards need prompts like 'a red circle on the left'; got {prompt!r}.")
+            raise UserError(f"the shapes rewards need prompts like 'a small red circle'; got {prompt!r}.")
         if detected is None:
             soft.append(0.0), right.append(0.0)
             continue
@@ -494,7 +496,7 @@ def shapes_alignment(images, prompts):
 
 
 def shapes_correct(images, prompts):
-    """Prompt alignment as a person would count it: the share of the prompt's colour, shape and side drawn right.
+    """Prompt alignment as a person would count it: the share of the prompt's colour, shape and size drawn right.
 
     Coarser than shapes_alignment, whose small differences between two images of one prompt (a slightly rounder
     square) are mostly noise: compared in pairs, this one calls such images a tie, as a labeller would."""

@@ -6,7 +6,7 @@
                                                          # flags after -- go to the training script
 
 For each algorithm and seed it prints the prompt alignment of the model before and after fine-tuning
-(mean soft score x 100, and the share of images right in colour, shape and side), the shape-area objective,
+(mean soft score x 100, and the share of images right in colour, shape and size), the shape-area objective,
 and the wall time of the fine-tuning run; it saves before/after grids (one image per prompt) under
 benchmarks/results/. The evaluation samples every prompt of tutorials/shapes.txt EVAL_IMAGES_PER_PROMPT times
 from EVAL_SEED, a seed no training run uses (training draws from seed * 1_000_003 + epoch).

@@ -26,7 +26,7 @@ def rendered(n, seed=0):
 def test_detector_reads_rendered_images_at_least_95_percent_right():
     images, truth = rendered(500)
     detected = common.detect_shapes(images)
-    for i, key in enumerate(("colour", "shape", "side")):
+    for i, key in enumerate(("colour", "shape", "size")):
         right = np.mean([max(d[key], key=d[key].get) == t[i] for d, t in zip(detected, truth)])
         assert right >= 0.95, (key, right)
     prompts = [make_toy_model.caption(*t) for t in truth]
@@ -36,12 +36,12 @@ def test_detector_reads_rendered_images_at_least_95_percent_right():
 
 def test_alignment_reward_is_dense_and_prompt_specific():
     images, truth = rendered(1, seed=3)
-    colour, shape, side = truth[0]
+    colour, shape, size = truth[0]
     other_colour = next(c for c in common.COLOURS if c != colour)
-    other_side = next(s for s in common.SIDES if s != side)
-    full = common.shapes_alignment(images, [make_toy_model.caption(colour, shape, side)])[0]
-    one_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, side)])[0]
-    two_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, other_side)])[0]
+    other_size = next(s for s in common.SIZES if s != size)
+    full = common.shapes_alignment(images, [make_toy_model.caption(colour, shape, size)])[0]
+    one_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, size)])[0]
+    two_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, other_size)])[0]
     assert full > 0.9 and 0.5 < one_wrong < 0.75 and 0.2 < two_wrong < 0.45  # about 1, 2/3 and 1/3
     # only the attributes a prompt names are scored
     assert common.shapes_alignment(images, [f"a {colour} shape"])[0] > 0.9
@@ -49,24 +49,26 @@ def test_alignment_reward_is_dense_and_prompt_specific():
 
 def test_blank_image_scores_zero():
     blank = torch.tensor(common.BACKGROUND).view(1, 3, 1, 1).expand(1, 3, 32, 32)
-    assert common.shapes_alignment(blank, ["a red circle on the left"])[0] == 0
+    assert common.shapes_alignment(blank, ["a small red circle"])[0] == 0
     assert common.shape_area(blank, [""])[0] == 0
 
 
 def test_prompts_that_name_nothing_are_refused():
     images, _ = rendered(1)
-    with pytest.raises(common.UserError, match="prompts like 'a red circle on the left'"):
+    with pytest.raises(common.UserError, match="prompts like 'a small red circle'"):
         common.shapes_alignment(images, ["a photo of a dog"])
 
 
 def test_hand_checked_soft_scores():
-    """A pure red square on the left: the detector's numbers, worked by hand from its rules."""
+    """A pure red 8 x 8 square: the detector's numbers, worked by hand from its rules."""
     x = torch.tensor(common.BACKGROUND).view(3, 1, 1).repeat(1, 32, 32)
-    x[:, 10:18, 4:12] = torch.tensor(common.COLOURS["red"]).view(3, 1, 1)  # 8 x 8 square, centroid column 7.5
+    x[:, 10:18, 4:12] = torch.tensor(common.COLOURS["red"]).view(3, 1, 1)
     d = common.detect_shapes(x[None])[0]
     assert d["mask_fraction"] == pytest.approx(64 / 1024) and d["fill"] == pytest.approx(1.0)
     assert common.shape_area(x[None], [""])[0] == pytest.approx(64 / 1024)
-    assert d["side"]["left"] == pytest.approx(1 / (1 + np.exp(-(15.5 - 7.5) / 1.5)), rel=1e-5)
+    # size: extent 8 px against the boundary at 0.39 x 32 = 12.48 px, sigmoid with scale 1 px
+    assert d["size"]["large"] == pytest.approx(1 / (1 + np.exp(-(8 - 12.48))), rel=1e-5)
+    assert d["size"]["small"] == pytest.approx(1 - d["size"]["large"], rel=1e-6)
     # the colour is exactly red: distance 0 to red, softmax of -distance / 0.1
     palette = np.array(list(common.COLOURS.values()))
     expected = np.exp(-np.linalg.norm(palette - palette[0], axis=1) / 0.1)
@@ -75,9 +77,8 @@ def test_hand_checked_soft_scores():
 
 def test_tokenizer_loses_no_word_of_the_world(tmp_path):
     """Every prompt encodes to real tokens that spell it back (no word silently becomes <|endoftext|>), and
-    different prompts encode differently. Words are whole tokens except "green", which comes out as
-    g + re + e + n: the merge r + e, made for "red", outranks g + r (a known flaw of bpe_merges, kept so that
-    the script reproduces the shipped toy_model)."""
+    different prompts encode differently, and every word of the world is one token (a merge made for one
+    word, like "r e" for "red", must not split another, like "green")."""
     tokenizer = make_toy_model.write_tokenizer(str(tmp_path), make_toy_model.WORDS)
     encodings = set()
     for prompt in make_toy_model.all_prompts():
@@ -88,7 +89,7 @@ def test_tokenizer_loses_no_word_of_the_world(tmp_path):
         encodings.add(tuple(ids))
     assert len(encodings) == 24
     whole = [w for w in make_toy_model.WORDS if tokenizer.convert_ids_to_tokens(tokenizer(w).input_ids)[1:-1] == [w + "</w>"]]
-    assert sorted(set(make_toy_model.WORDS) - set(whole)) == ["green"]
+    assert whole == make_toy_model.WORDS
 
 
 def test_prompt_file_lists_every_combination():
@@ -104,20 +105,20 @@ def test_training_script_smoke(tmp_path):
     pipe, params, _ = common.load_pipeline(str(out), "cpu", "no", lora_rank=4)
     assert pipe.resolution == 32 and pipe.vae_scale_factor == 2
     assert pipe.scheduler.config.set_alpha_to_one is False and pipe.scheduler.config.steps_offset == 1
-    images = common.evaluate(pipe, ["a red circle on the left"], 0, make_toy_model.SimpleNamespace(
+    images = common.evaluate(pipe, ["a small red circle"], 0, make_toy_model.SimpleNamespace(
         num_steps=3, eta=1.0, guidance_scale=5.0))
     assert images.shape == (1, 3, 32, 32)
 
 
 def test_correct_counts_the_named_attributes_drawn_right():
     images, truth = rendered(1, seed=3)
-    colour, shape, side = truth[0]
+    colour, shape, size = truth[0]
     other_colour = next(c for c in common.COLOURS if c != colour)
     other_shape = next(s for s in common.SHAPES if s != shape)
-    other_side = next(s for s in common.SIDES if s != side)
-    prompts = [make_toy_model.caption(colour, shape, side), make_toy_model.caption(other_colour, shape, side),
-               make_toy_model.caption(other_colour, shape, other_side),
-               make_toy_model.caption(other_colour, other_shape, other_side)]
+    other_size = next(s for s in common.SIZES if s != size)
+    prompts = [make_toy_model.caption(colour, shape, size), make_toy_model.caption(other_colour, shape, size),
+               make_toy_model.caption(other_colour, shape, other_size),
+               make_toy_model.caption(other_colour, other_shape, other_size)]
     got = common.shapes_correct(images.repeat(4, 1, 1, 1), prompts)
     np.testing.assert_allclose(got, [1, 2 / 3, 1 / 3, 0], atol=1e-6)
     assert common.get_reward_fn("shapes_correct") is common.shapes_correct

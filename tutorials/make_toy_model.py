@@ -2,8 +2,8 @@
 
     python tutorials/make_toy_model.py                 # about 20 minutes on two cores; writes toy_model/
 
-The world: one shape (circle, square or triangle) in one of four colours, on the left or right of a light
-32 x 32 image, captioned "a red circle on the left". The script renders that data set on the fly, then trains
+The world: one shape (circle, square or triangle), small or large, in one of four colours, anywhere on a light
+32 x 32 image, captioned "a small red circle". The script renders that data set on the fly, then trains
   1. a VAE (AutoencoderKL, 32 px -> 4 x 16 x 16 latents), by reconstruction with a small KL term;
   2. a CLIP text encoder from scratch, with a byte-pair tokenizer whose merges spell the world's words,
      together with a conditional UNet, by the usual noise-prediction loss (Stable Diffusion's noise schedule;
@@ -30,22 +30,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-WORDS = ["a", "on", "the", *common.COLOURS, *common.SHAPES, *common.SIDES]
+WORDS = ["a", *common.SIZES, *common.COLOURS, *common.SHAPES]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The data: rendered shapes and their captions
 # ---------------------------------------------------------------------------------------------------------
 
-def render(colour, shape, side, rng, resolution=32, supersample=4):
-    """One anti-aliased image (H, W, 3) uint8 of a shape of the given colour on the given side."""
+def render(colour, shape, size, rng, resolution=32, supersample=4):
+    """One anti-aliased image (H, W, 3) uint8 of a shape of the given colour and size, at a random place."""
     s = supersample
-    size = resolution * s
-    image = Image.new("RGB", (size, size), tuple(int(255 * c) for c in common.BACKGROUND))
+    image = Image.new("RGB", (resolution * s, resolution * s), tuple(int(255 * c) for c in common.BACKGROUND))
     draw = ImageDraw.Draw(image)
-    r = rng.uniform(0.15, 0.22) * resolution                         # "radius" in pixels: 4.8 to 7 at 32 px
-    cx = (0.28 if side == "left" else 0.72) * resolution + rng.uniform(-0.06, 0.06) * resolution
-    cy = rng.uniform(r + 1, resolution - r - 1)
+    r = rng.uniform(*common.SIZES[size]) * resolution                # "radius": 3.8-5.1 or 7.4-9 px at 32 px
+    cx, cy = rng.uniform(r + 1, resolution - r - 1, size=2)
     fill = tuple(int(255 * c) for c in common.COLOURS[colour])
     cx, cy, r = cx * s, cy * s, r * s
     if shape == "circle":
@@ -59,27 +57,27 @@ def render(colour, shape, side, rng, resolution=32, supersample=4):
 
 
 def random_attributes(rng):
-    return (rng.choice(list(common.COLOURS)), rng.choice(list(common.SHAPES)), rng.choice(common.SIDES))
+    return (rng.choice(list(common.COLOURS)), rng.choice(list(common.SHAPES)), rng.choice(list(common.SIZES)))
 
 
-def caption(colour, shape, side):
-    return f"a {colour} {shape} on the {side}"
+def caption(colour, shape, size):
+    return f"a {size} {colour} {shape}"
 
 
 def all_prompts():
-    return [caption(c, s, side) for c in common.COLOURS for s in common.SHAPES for side in common.SIDES]
+    return [caption(c, s, size) for size in common.SIZES for c in common.COLOURS for s in common.SHAPES]
 
 
-def batch(rng, n, resolution=32, drop_side=0.1, drop_all=0.1):
-    """n rendered images as a (n, 3, H, W) tensor in [-1, 1] and their captions: 10% leave out the side, 10%
+def batch(rng, n, resolution=32, drop_size=0.1, drop_all=0.1):
+    """n rendered images as a (n, 3, H, W) tensor in [-1, 1] and their captions: 10% leave out the size, 10%
     are empty (the unconditional prompt of classifier-free guidance)."""
     images, captions = [], []
     for _ in range(n):
-        colour, shape, side = random_attributes(rng)
-        images.append(render(colour, shape, side, rng, resolution))
+        colour, shape, size = random_attributes(rng)
+        images.append(render(colour, shape, size, rng, resolution))
         u = rng.random()
-        captions.append("" if u < drop_all else f"a {colour} {shape}" if u < drop_all + drop_side
-                        else caption(colour, shape, side))
+        captions.append("" if u < drop_all else f"a {colour} {shape}" if u < drop_all + drop_size
+                        else caption(colour, shape, size))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, captions
 
@@ -88,17 +86,29 @@ def batch(rng, n, resolution=32, drop_side=0.1, drop_all=0.1):
 # A CLIP byte-pair tokenizer that spells whole words
 # ---------------------------------------------------------------------------------------------------------
 
+def bpe(word, merges):
+    """How CLIP's tokenizer splits a word: start from its letters (the last one carries '</w>') and apply the
+    merge of lowest rank present, again and again (this is byte-pair encoding)."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
 def bpe_merges(words):
-    """Merges that build each word from its letters, left to right (the last letter carries '</w>'): without
-    them CLIP's tokenizer turns every word of more than one letter into <|endoftext|>."""
-    merges, made = [], []
+    """Merges that make each word one token: without them CLIP's tokenizer turns every word of more than one
+    letter into <|endoftext|>. A new merge joins the first two pieces the merges so far leave of a word, so an
+    earlier word's merge ("r e" of "red") cannot split a later one ("green")."""
+    merges = []
     for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            if (symbols[0], symbols[1]) not in merges:
-                merges.append((symbols[0], symbols[1]))
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-            made.append(symbols[0])
+        while len(pieces := bpe(word, merges)) > 1:
+            merges.append((pieces[0], pieces[1]))
+    made = [a + b for a, b in merges]
     return merges, made
 
 
@@ -175,12 +185,17 @@ def make_pipeline(vae, text_encoder, tokenizer, unet):
 
 
 def evaluate(pipe, images_per_prompt=4, seed=1234, num_steps=20):
-    """Prompt alignment of the pipeline on every prompt: (mean soft score, share of images fully right)."""
+    """Prompt alignment of the pipeline on every prompt: (mean soft score, share of images fully right, and the
+    share of images right in each attribute)."""
     pipe.resolution = 32
     prompts = [p for p in all_prompts() for _ in range(images_per_prompt)]
     settings = SimpleNamespace(num_steps=num_steps, eta=1.0, guidance_scale=5.0)
-    soft, hard, _ = common.shape_scores(common.evaluate(pipe, prompts, seed, settings), prompts)
-    return float(soft.mean()), float(hard.mean())
+    images = common.evaluate(pipe, prompts, seed, settings)
+    soft, hard, _ = common.shape_scores(images, prompts)
+    right = {key: float(np.mean([d is not None and max(d[key], key=d[key].get) == named[key]
+                                 for d, named in zip(common.detect_shapes(images), map(common.parse_shape_prompt, prompts))]))
+             for key in ("colour", "shape", "size")}
+    return float(soft.mean()), float(hard.mean()), right
 
 
 def train_unet(pipe, rng, steps, batch_size, lr, log, eval_every, snapshot_dir=None):
@@ -210,8 +225,9 @@ def train_unet(pipe, rng, steps, batch_size, lr, log, eval_every, snapshot_dir=N
             log(f"unet step {step}/{steps}  noise-prediction mse {loss.item():.4f}")
         if eval_every and (step % eval_every == 0 or step == steps):
             unet.eval(), text_encoder.eval()
-            soft, hard = evaluate(pipe)
-            log(f"unet step {step}: prompt alignment {100 * soft:.1f} (soft), {100 * hard:.1f}% fully right")
+            soft, hard, right = evaluate(pipe)
+            log(f"unet step {step}: prompt alignment {100 * soft:.1f} (soft), {100 * hard:.1f}% fully right; right "
+                + ", ".join(f"{key} {100 * share:.0f}%" for key, share in right.items()))
             if snapshot_dir:
                 pipe.save_pretrained(os.path.join(snapshot_dir, f"step{step:05d}"), safe_serialization=True)
 
