@@ -268,13 +268,20 @@ def resolve_precision(mixed_precision, device):
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+# the UNet layers that get LoRA adapters, by --lora-targets (peft's target_modules: a list of name endings, or a
+# regex over full module names). attention: every attention projection, as diffusers' LoRA examples do;
+# cross-attention: only attn2's, where the prompt enters the UNet, so nothing that does not read the prompt moves.
+LORA_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
+                "cross-attention": r".*attn2\.(to_q|to_k|to_v|to_out\.0)"}
+
+
 def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=None, seed=0, start_from=None,
-                  reference=False):
+                  reference=False, lora_targets="attention"):
     """Load a Stable Diffusion pipeline for fine-tuning and return (pipe, trainable_params, autocast).
 
     VAE and text encoder are frozen (and kept in the half-precision dtype when mixed precision is on). With
-    lora_rank > 0, LoRA adapters (peft) on the attention projections are the only trainable parameters, kept
-    in float32; lora_rank = 0 trains the whole UNet in float32. `autocast` is a context-manager factory for the
+    lora_rank > 0, LoRA adapters (peft) on the layers LORA_TARGETS[lora_targets] names are the only trainable
+    parameters, kept in float32; lora_rank = 0 trains the whole UNet in float32. `autocast` is a context-manager factory for the
     UNet forward passes.
 
     start_from: a finished run's directory whose weights (its lora/, merged into the UNet, or its unet/) replace
@@ -317,7 +324,7 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
         pipe.unet.requires_grad_(False).to(device, weight_dtype)
         torch.manual_seed(seed)  # LoRA's A matrices are random (B starts at zero, so the model is unchanged)
         pipe.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                         target_modules=LORA_TARGETS[lora_targets]))
     else:
         pipe.unet.requires_grad_(True).to(device, torch.float32)
         if reference:

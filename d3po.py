@@ -54,6 +54,9 @@ class Args:
     weight_decay: float = arg(1e-4, "AdamW weight decay (reference: 1e-4)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (reference: 1.0)")
     lora_rank: int = arg(4, "LoRA rank on the UNet's attention projections; 0 trains the whole UNet (reference: 4)")
+    lora_targets: str = arg("attention", "the layers LoRA adapts: attention = every attention projection "
+                            "(reference), cross-attention = only those that read the prompt (attn2)",
+                            choices=["attention", "cross-attention"])
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
@@ -250,7 +253,8 @@ def main(argv=None):
     prompts = common.load_prompts(args.prompt_file) if not args.labels else None
     reward_fns = [common.get_reward_fn(name) for name in args.reward.split(",")]
     pipe, params, autocast = common.load_pipeline(args.model, args.device, args.mixed_precision, args.lora_rank,
-                                                  args.resolution, args.seed, args.start_from, reference=True)
+                                                  args.resolution, args.seed, args.start_from, reference=True,
+                                                  lora_targets=args.lora_targets)
     if args.sample_only:
         return sample_round(pipe, args, prompts, autocast)
     optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)

@@ -54,6 +54,9 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient-norm clip (PRDP setup: 1.0)")
     lora_rank: int = arg(0, "LoRA rank on the UNet's attention projections; 0 trains the whole UNet, with a frozen "
                          "copy as the reference (PRDP setup: full fine-tuning)")
+    lora_targets: str = arg("attention", "the layers LoRA adapts: attention = every attention projection "
+                            "(reference), cross-attention = only those that read the prompt (attn2)",
+                            choices=["attention", "cross-attention"])
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
@@ -130,7 +133,8 @@ def main(argv=None):
     prompts = common.load_prompts(args.prompt_file)
     reward_fn = common.get_reward_fn(args.reward)
     pipe, params, autocast = common.load_pipeline(args.model, args.device, args.mixed_precision, args.lora_rank,
-                                                  args.resolution, args.seed, reference=True)
+                                                  args.resolution, args.seed, reference=True,
+                                                  lora_targets=args.lora_targets)
     optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = common.make_scaler(args.device, args.mixed_precision)
     start_epoch, extra = common.load_checkpoint(pipe, optimizer, scaler, args.output_dir) if args.resume else (0, {})

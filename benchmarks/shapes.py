@@ -33,7 +33,7 @@ EVAL_IMAGES_PER_PROMPT = 4
 def load_trained(args, run_dir=None):
     """(pipe, autocast): the toy pipeline as configured by `args`; with run_dir, with that run's weights."""
     pipe, params, autocast = common.load_pipeline(args.model, args.device, args.mixed_precision, args.lora_rank,
-                                                  args.resolution, args.seed)
+                                                  args.resolution, args.seed, lora_targets=args.lora_targets)
     if run_dir is not None:
         optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)
         common.load_checkpoint(pipe, optimizer, common.make_scaler(args.device, args.mixed_precision), run_dir)

@@ -113,3 +113,25 @@ def test_reference_model_switches_lora_off(tiny_dir):
         base_out = fresh.unet(x, t, encoder_hidden_states=emb).sample
     torch.testing.assert_close(ref_out, base_out)
     assert not torch.allclose(lora_out, base_out)
+
+
+def test_cross_attention_lora_adapts_only_the_layers_that_read_the_prompt_and_loads_in_diffusers(tiny_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    whole, every, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4)
+    adapted = [n for n, p in whole.unet.named_parameters() if p.requires_grad]
+    assert any(".attn1." in n for n in adapted) and any(".attn2." in n for n in adapted)  # the default: both
+    pipe, params, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4, lora_targets="cross-attention")
+    names = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+    assert names and all(".attn2." in n and "lora" in n for n in names)
+    assert 0 < len(params) < len(every)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    common.save_weights(pipe, str(tmp_path))
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(400)
+    emb = common.encode_prompts(pipe, ["a cat", "a dog"])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.unet(x, t, encoder_hidden_states=emb).sample,
+                                   pipe.unet(x, t, encoder_hidden_states=emb).sample, atol=1e-5, rtol=1e-4)
