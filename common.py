@@ -222,14 +222,16 @@ def sample_epoch(pipe, args, prompts, negative_embeds, generator, autocast, imag
 
 
 @torch.no_grad()
-def reference_log_probs(pipe, samples, negative_embeds, args, autocast=nullcontext):
+def reference_log_probs(pipe, samples, negative_embeds, args, autocast=nullcontext, rows=None):
     """log pi_ref of every sampled step, (B, T): the reference model's log-probs do not depend on the trained
-    parameters, so D3PO and PRDP compute them once per sample, here, and never in the training loop."""
+    parameters, so D3PO and PRDP compute them once per sample, here, and never in the training loop.
+    rows: only these samples' (the ones that will be trained on); the other rows are NaN."""
     B, T = samples.log_probs.shape
-    out = torch.empty_like(samples.log_probs)
+    out = torch.full_like(samples.log_probs, float("nan"))
+    rows = torch.arange(B) if rows is None else torch.as_tensor(rows).flatten().cpu()
     with reference_model(pipe):
-        for start in range(0, B, args.sample_batch_size):
-            i = slice(start, start + args.sample_batch_size)
+        for start in range(0, len(rows), args.sample_batch_size):
+            i = rows[start:start + args.sample_batch_size].to(samples.latents.device)
             for s in range(T):
                 out[i, s] = recompute_log_probs(pipe, samples.latents[i, s], samples.latents[i, s + 1],
                                                 samples.timesteps[s], samples.prompt_embeds[i], negative_embeds,

@@ -276,12 +276,12 @@ def main(argv=None):
                 batch_prompts, samples = common.sample_epoch(pipe, args, prompts, negative_embeds, generator, autocast,
                                                              images_per_prompt=2, shared_noise=True)
                 rewards = np.stack([common.compute_rewards(fn, samples.images, batch_prompts) for fn in reward_fns], 1)
-                # log pi_ref does not change during training: once per sample, with the adapter off
-                ref_log_probs = common.reference_log_probs(pipe, samples, negative_embeds, args, autocast)
                 # ---- 2. ALGO LOGIC: preferences from the rewards; ties train nothing, so they are dropped ----
                 prefer = torch.as_tensor(preferences(rewards))
                 pairs = torch.arange(len(batch_prompts)).view(-1, 2)[prefer != 0]
                 prefer = prefer[prefer != 0]
+                # log pi_ref does not change during training: once per trained sample, with the adapter off
+                ref_log_probs = common.reference_log_probs(pipe, samples, negative_embeds, args, autocast, pairs)
                 metrics.update(reward_mean=float(rewards[:, 0].mean()), reward_std=float(rewards[:, 0].std()))
                 if len(reward_fns) > 1:
                     metrics.update({f"{n}_mean": float(rewards[:, i].mean())

@@ -127,6 +127,10 @@ def test_reference_log_probs_equal_the_policy_at_initialisation_and_stay_put(pip
                                            samples.prompt_embeds, neg, 5.0, 1.0)
         assert (moved - samples.log_probs[:, 1]).abs().max() > 1e-4           # the policy moved ...
         torch.testing.assert_close(common.reference_log_probs(pipe, samples, neg, Settings), ref)  # ... pi_ref did not
+        # only the trained pairs' (a tie's two images are never trained): the same numbers, NaN elsewhere
+        some = common.reference_log_probs(pipe, samples, neg, Settings, rows=torch.tensor([[2, 3]]))
+        torch.testing.assert_close(some[2:4], ref[2:4], atol=1e-6, rtol=0)
+        assert some[:2].isnan().all() and some[4:].isnan().all()
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
