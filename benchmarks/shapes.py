@@ -1,7 +1,8 @@
 """Fine-tune the shipped toy model (--model toy) and measure what changed, on noise held apart from training.
 
-    python benchmarks/shapes.py                          # ddpo.py, seeds 0 1 2, the toy preset (minutes each)
-    python benchmarks/shapes.py --seeds 0 --epochs 10    # shorter
+    python benchmarks/shapes.py                          # ddpo, d3po and prdp, seeds 0 1, their toy presets
+                                                         # (about 10 minutes a run, an hour in all)
+    python benchmarks/shapes.py --algorithms d3po --seeds 0 --epochs 30    # shorter
     python benchmarks/shapes.py --algorithms d3po --seeds 0 --results /tmp/r -- --reward shapes_alignment
                                                          # flags after -- go to the training script
 
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import common  # noqa: E402
 
 EVAL_SEED = 987_654_321
-EVAL_IMAGES_PER_PROMPT = 4
+EVAL_IMAGES_PER_PROMPT = 16
 
 
 def load_trained(args, run_dir=None):
@@ -65,8 +66,8 @@ def fine_tune(algorithm, seed, extra_argv, workdir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="+", default=["ddpo"], choices=["ddpo", "d3po", "prdp"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--algorithms", nargs="+", default=["ddpo", "d3po", "prdp"], choices=["ddpo", "d3po", "prdp"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's --num-epochs")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"), help="where grids go")
     argv = sys.argv[1:] if argv is None else list(argv)
