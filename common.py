@@ -283,8 +283,8 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
 
     VAE and text encoder are frozen (and kept in the half-precision dtype when mixed precision is on). With
     lora_rank > 0, LoRA adapters (peft) on the layers LORA_TARGETS[lora_targets] names are the only trainable
-    parameters, kept in float32; lora_rank = 0 trains the whole UNet in float32. `autocast` is a context-manager factory for the
-    UNet forward passes.
+    parameters, kept in float32; lora_rank = 0 trains the whole UNet in float32. `autocast` is a context-manager
+    factory for the UNet forward passes.
 
     start_from: a finished run's directory whose weights (its lora/, merged into the UNet, or its unet/) replace
     the model's before training starts, so they are also the reference (D3PO's rounds of human feedback).

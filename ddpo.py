@@ -72,8 +72,8 @@ class Args:
 # to) outweighs the signal and every learning rate that moves the model at all degrades it. The 1.5 M
 # parameters are fine-tuned whole at 3e-4 (LoRA on its few attention layers barely moved); per-prompt
 # baselines start after 4 rewards instead of 16, since 24 prompts share 64 samples. The objective is the
-# shape's area, whose better direction is the same for every prompt; the alignment reward's is not (left for
-# one prompt, right for the next), and DDPO did not raise it at this budget. With one optimiser step an epoch
+# shape's area, whose better direction is the same for every prompt (the D3PO and PRDP presets learn prompt
+# alignment instead, a slower, prompt-dependent objective; README.md). With one optimiser step an epoch
 # the ratio is exactly 1 while the epoch trains, so the clip never acts (clipfrac 0): the update is DDPO_SF's.
 PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=40, resolution=32, num_steps=10,
