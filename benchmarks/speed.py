@@ -63,7 +63,8 @@ def minimum_calls(algorithm, args, rows):
     """The fewest UNet calls the run needs with these settings, summed over its epochs (metrics `rows`), by phase.
 
     Every phase batches the conditional and unconditional halves of guidance into one call. Sampling: one call
-    per step per sampling batch. Reference log-probs (D3PO, PRDP): the same, once per epoch. Training: DDPO one
+    per step per sampling batch. Reference log-probs: PRDP the same, once per epoch; D3PO only for the images of
+    decided pairs (ties are never trained), one call per step per sampling batch of them. Training: DDPO one
     call per trained step per training batch and inner epoch; D3PO one per step per batch of pairs (ties are
     dropped, so it depends on the epoch's pairs); PRDP one per step per training batch with a graph, plus, from
     the second gradient step of an epoch on, one without (the loss needs the whole trajectory's log-ratio before
@@ -75,7 +76,7 @@ def minimum_calls(algorithm, args, rows):
         trained_steps = max(1, int(T * args.timestep_fraction))
         calls["train"] = epochs * args.inner_epochs * (n // args.train_batch_size) * trained_steps
     elif algorithm == "d3po":
-        calls["reference"] = calls["sample"]
+        calls["reference"] = sum(-(-2 * r["pairs"] // args.sample_batch_size) for r in rows) * T
         calls["train"] = sum(-(-r["pairs"] // (args.train_batch_size // 2)) for r in rows) * T
     elif algorithm == "prdp":
         calls["reference"] = calls["sample"]
