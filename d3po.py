@@ -53,7 +53,7 @@ class Args:
     learning_rate: float = arg(3e-5, "AdamW learning rate (D3PO reference code: 3e-5)")
     weight_decay: float = arg(1e-4, "AdamW weight decay (reference: 1e-4)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (reference: 1.0)")
-    lora_rank: int = arg(4, "LoRA rank on the UNet's attention projections; 0 trains the whole UNet (reference: 4)")
+    lora_rank: int = arg(4, "LoRA rank on the layers of --lora-targets; 0 trains the whole UNet (reference: 4)")
     lora_targets: str = arg("attention", "the layers LoRA adapts: attention = every attention projection "
                             "(reference), cross-attention = only those that read the prompt (attn2)",
                             choices=["attention", "cross-attention"])

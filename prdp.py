@@ -52,7 +52,7 @@ class Args:
     learning_rate: float = arg(1e-5, "AdamW learning rate (PRDP Table 4 small scale: 1e-5)")
     weight_decay: float = arg(1e-4, "AdamW weight decay (PRDP setup: 1e-4)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (PRDP setup: 1.0)")
-    lora_rank: int = arg(0, "LoRA rank on the UNet's attention projections; 0 trains the whole UNet, with a frozen "
+    lora_rank: int = arg(0, "LoRA rank on the layers of --lora-targets; 0 trains the whole UNet, with a frozen "
                          "copy as the reference (PRDP setup: full fine-tuning)")
     lora_targets: str = arg("attention", "the layers LoRA adapts: attention = every attention projection "
                             "(reference), cross-attention = only those that read the prompt (attn2)",
