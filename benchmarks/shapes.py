@@ -7,10 +7,11 @@
                                                          # flags after -- go to the training script
 
 For each algorithm and seed it prints the prompt alignment of the model before and after fine-tuning
-(mean soft score x 100, and the share of images right in colour, shape and size), the shape-area objective,
-and the wall time of the fine-tuning run; it saves before/after grids (one image per prompt) under
-benchmarks/results/. The evaluation samples every prompt of tutorials/shapes.txt EVAL_IMAGES_PER_PROMPT times
-from EVAL_SEED, a seed no training run uses (training draws from seed * 1_000_003 + epoch).
+(mean soft score x 100, with the standard error of its change, and the share of images right in colour, shape
+and size), the shape-area objective, and the wall time of the fine-tuning run; it saves before/after grids
+(one image per prompt) under benchmarks/results/. The evaluation samples every prompt of the run's prompt file
+(tutorials/shapes.txt) EVAL_IMAGES_PER_PROMPT times from EVAL_SEED, a seed no training run uses (training draws
+from seed * 1_000_003 + epoch).
 """
 import argparse
 import importlib
@@ -41,17 +42,24 @@ def load_trained(args, run_dir=None):
     return pipe, autocast
 
 
-def measure(pipe, autocast, args, prompts):
+def measure(pipe, autocast, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT):
     """On the held-apart evaluation noise: the run's own reward, alignment (soft x 100, and % fully right) and
     shape area (% of the image); also one image per prompt for the grids."""
     pipe.unet.eval()
-    eval_prompts = [p for p in prompts for _ in range(EVAL_IMAGES_PER_PROMPT)]
+    eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     images = common.evaluate(pipe, eval_prompts, EVAL_SEED, args, autocast)
     soft, hard, _ = common.shape_scores(images, eval_prompts)
     reward = common.compute_rewards(common.get_reward_fn(args.reward), images, eval_prompts)
-    return {"reward": float(reward.mean()), "alignment": 100 * float(soft.mean()),
+    return {"reward": float(reward.mean()), "alignment": 100 * float(soft.mean()), "per_image_alignment": soft,
             "fully_right": 100 * float(hard.mean()),
-            "area": 100 * float(common.shape_area(images, eval_prompts).mean())}, images[::EVAL_IMAGES_PER_PROMPT]
+            "area": 100 * float(common.shape_area(images, eval_prompts).mean())}, images[::images_per_prompt]
+
+
+def paired_se(before, after):
+    """Standard error (x 100) of the mean alignment change: before and after share every image's noise, so the
+    per-image differences are what varies."""
+    diff = after["per_image_alignment"] - before["per_image_alignment"]
+    return 100 * float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def fine_tune(algorithm, seed, extra_argv, workdir):
@@ -94,12 +102,14 @@ def main(argv=None):
           f"before -> after fine-tuning")
     if script_flags:
         print(f"flags given to the training scripts: {' '.join(script_flags)}")
-    print(f"{'algorithm':<10}{'seed':>5}{'epochs':>7}{'minutes':>8}  {'own reward':<22}{'alignment':<22}"
-          f"{'fully right %':<22}{'area %':<22}")
+    print(f"{'algorithm':<10}{'seed':>5}{'epochs':>7}{'minutes':>8}  {'own reward':<26}{'alignment':<26}"
+          f"{'+- s.e.':>8}  {'fully right %':<26}{'area %':<26}")
     for algorithm, seed, b, a, seconds, epochs in rows:
-        cells = "".join(f"{b[k]:6.3g} -> {a[k]:6.3g} ({a[k] - b[k]:+.2g})".ljust(22)
-                        for k in ("reward", "alignment", "fully_right", "area"))
-        print(f"{algorithm:<10}{seed:>5}{epochs:>7}{seconds / 60:>8.1f}  {cells}")
+        cells = ["".join(f"{b[k]:6.3g} -> {a[k]:6.3g} ({a[k] - b[k]:+.2g})".ljust(26) for k in keys)
+                 for keys in (("reward", "alignment"), ("fully_right", "area"))]
+        print(f"{algorithm:<10}{seed:>5}{epochs:>7}{seconds / 60:>8.1f}  {cells[0]}{paired_se(b, a):>8.2f}  {cells[1]}")
+    print("+- s.e.: standard error of the alignment change, from the per-image changes on the same evaluation noise "
+          "(it measures the evaluation's noise, not the spread between training seeds)")
     for algorithm in opts.algorithms:
         for key in ("reward", "alignment", "area"):
             gains = [a[key] - b[key] for al, _, b, a, _, _ in rows if al == algorithm]
