@@ -82,7 +82,7 @@ class Args:
 # (bigger shapes) and lost alignment. Each epoch's 32 pairs make one optimiser step, as in the other presets
 # (four steps of 8 pairs an epoch learnt faster at first, then wandered: README.md gives the numbers).
 PRESETS = {"toy": dict(
-    prompt_file="tutorials/shapes.txt", reward="shapes_correct", num_epochs=90, resolution=32, num_steps=10,
+    prompt_file="tutorials/shapes.txt", reward="shapes_correct", num_epochs=110, resolution=32, num_steps=10,
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=16,
     gradient_accumulation_steps=4, learning_rate=3e-3, lora_rank=8, lora_targets="cross-attention")}
 

@@ -82,7 +82,7 @@ class Args:
 # for log-ratio differences far out of reach in 10 minutes, so the loss acts as a policy gradient with each
 # prompt's mean reward as its baseline.
 PRESETS = {"toy": dict(
-    prompt_file="tutorials/shapes.txt", reward="shapes_correct", num_epochs=70, resolution=32, num_steps=10,
+    prompt_file="tutorials/shapes.txt", reward="shapes_correct", num_epochs=60, resolution=32, num_steps=10,
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=16,
     gradient_accumulation_steps=4, learning_rate=3e-3, lora_rank=8, lora_targets="cross-attention", beta=0.1,
     clip_eps=0.1, images_per_prompt=8, grad_steps_per_epoch=1)}
