@@ -182,7 +182,6 @@ def test_training_on_a_round_takes_its_settings_and_says_which(first_round, tiny
 
 def test_reference_log_probs_are_computed_only_for_the_images_of_decided_pairs(tiny_dir, prompt_file, tmp_path,
                                                                                  monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import speed
     # a hand-computed case: 3 decided pairs = 6 images, in sampling batches of 4 -> 2 calls a step, 3 steps
     args = common.parse_args(d3po.Args, tiny_args(tiny_dir, prompt_file, tmp_path / "x", 1, "--num-steps", "3"))

@@ -1,7 +1,6 @@
 """ddpo.py end to end on a tiny pipeline: outputs, LoRA loading in diffusers, and resuming."""
 import json
 import os
-import sys
 
 import pytest
 import torch

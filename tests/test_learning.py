@@ -3,15 +3,12 @@ preset (preferences from the alignment reward shapes_correct) raises shapes_alig
 apart from training, by more than twice the standard error of the change. The full figures, beside DDPO's, come
 from benchmarks/shapes.py."""
 import os
-import sys
 
 import pytest
 
 import common
+import shapes
 from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import shapes  # noqa: E402
 
 # A few minutes of each preset, on the six yellow prompts only (the preset trains on all 24, so each prompt is
 # sampled four times as often here and learns faster), measured on 64 held-apart images of each. Measured on

@@ -7,10 +7,8 @@ import subprocess
 import sys
 
 import common
+import shapes
 from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import shapes  # noqa: E402
 
 
 def quickstart_command():

@@ -5,7 +5,6 @@ import ast
 import dataclasses
 import inspect
 import os
-import sys
 
 import pytest
 
@@ -69,7 +68,6 @@ def small_args(name, tiny_dir, prompt_file, out, epochs):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_same_outputs_and_the_fewest_unet_calls(name, tiny_dir, prompt_file, tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from speed import count_unet_calls, minimum_calls
     argv = small_args(name, tiny_dir, prompt_file, tmp_path / "run", 2)
     with count_unet_calls() as counts:
