@@ -593,7 +593,8 @@ def parse_args(args_class, argv=None, description=None, presets=None):
             parser.add_argument(flag, type=f.type if f.type in (int, float) else str, default=f.default,
                                 choices=f.metadata["choices"], help=help_text, metavar=None)
     ns = vars(parser.parse_args(argv))
-    given = {name for name, flag in flags.items() if any(a == flag or a.startswith(flag + "=") for a in argv)}
+    given = {name for name, flag in flags.items()  # a bool flag is also given as --no-<name>
+             if any(a in (flag, "--no-" + flag[2:]) or a.startswith(flag + "=") for a in argv)}
     if not ns.get("resume") and ns["model"] in (presets or {}):
         ns.update({k: v for k, v in presets[ns["model"]].items() if k not in given})
     if ns.get("resume"):

@@ -91,3 +91,11 @@ def test_abbreviated_flags_are_refused_rather_than_overridden_by_a_preset():
         common.parse_args(ddpo.Args, ["--model", "toy", "--learning", "5e-4"], presets=ddpo.PRESETS)
     args = common.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate=5e-4"], presets=ddpo.PRESETS)
     assert args.learning_rate == 5e-4
+
+
+def test_a_bool_flag_turned_off_on_the_command_line_wins_over_a_preset_that_turns_it_on():
+    import common
+    presets = {"toy": {"shared_noise": True}}
+    assert common.parse_args(prdp.Args, ["--model", "toy"], presets=presets).shared_noise
+    assert not common.parse_args(prdp.Args, ["--model", "toy", "--no-shared-noise"], presets=presets).shared_noise
+    assert common.parse_args(prdp.Args, ["--model", "x", "--shared-noise"], presets=presets).shared_noise
