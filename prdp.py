@@ -70,6 +70,8 @@ class Args:
                           "over 16384 latent elements)")
     images_per_prompt: int = arg(16, "images of each prompt, all pairs of which are compared (PRDP Table 4: B = 16)")
     grad_steps_per_epoch: int = arg(10, "gradient steps K on each epoch's samples (PRDP Table 4 small scale: 10)")
+    shared_noise: bool = arg(False, "the images of a prompt start from one x_T, as D3PO's pairs do (the PRDP paper "
+                             "does not say how its B images are drawn; by default each has its own)")
 
 
 # Defaults for the shapes-world toy model (--model toy; flags you give still win), found by the runs described
@@ -95,6 +97,12 @@ def prompt_pairs(rewards, images_per_prompt):
     starts = torch.arange(0, len(rewards), images_per_prompt)[:, None]
     pairs = torch.stack([(starts + i).flatten(), (starts + j).flatten()], 1)
     return pairs[rewards[pairs[:, 0]] != rewards[pairs[:, 1]]]
+
+
+def images_of(groups, images_per_prompt):
+    """The image indices of the given prompts (groups of images_per_prompt consecutive images)."""
+    return (images_per_prompt * torch.as_tensor(groups, dtype=torch.long)[:, None]
+            + torch.arange(images_per_prompt)).flatten()
 
 
 # ALGO LOGIC: the PRDP loss over pairs, from per-step log-ratios
@@ -151,30 +159,32 @@ def main(argv=None):
         pipe.unet.eval()
         with common.Timer() as sample_timer:
             batch_prompts, samples = common.sample_epoch(pipe, args, prompts, negative_embeds, generator, autocast,
-                                                         images_per_prompt=B)
+                                                         images_per_prompt=B, shared_noise=args.shared_noise)
             rewards = common.compute_rewards(reward_fn, samples.images, batch_prompts)
+            rewards_t = torch.as_tensor(rewards, device=pipe.device, dtype=torch.float32)
+            # ---- 2. ALGO LOGIC: the pairs; a prompt whose B images all scored the same has none and is dropped ----
+            epoch_pairs = prompt_pairs(rewards_t, B)
+            trained = torch.unique(epoch_pairs[:, 0].cpu() // B).tolist()  # the prompts (groups of B images) to train
             # log pi_ref does not depend on theta: once per epoch, with the reference model, never per step
-            ref_log_probs = common.reference_log_probs(pipe, samples, negative_embeds, args, autocast)
-        # ---- 2. ALGO LOGIC: the old policy's per-step log-ratios, the targets' rewards ----
-        old_log_ratio = samples.log_probs - ref_log_probs
-        rewards_t = torch.as_tensor(rewards, device=pipe.device, dtype=torch.float32)
+            ref_log_probs = common.reference_log_probs(pipe, samples, negative_embeds, args, autocast,
+                                                       images_of(trained, B))
+        old_log_ratio = samples.log_probs - ref_log_probs  # per-step log-ratios of the sampling policy theta_old
 
-        # ---- 3. ALGO LOGIC: K proximal gradient steps, each on train_batch_size x accumulation whole prompts ----
+        # ---- 3. ALGO LOGIC: K proximal gradient steps, each on up to train_batch_size x accumulation whole prompts ----
         pipe.unet.train()
         info = {"loss": [], "predicted_diff": [], "actual_diff": [], "clipfrac": []}
-        N, T = samples.log_probs.shape
+        T = samples.log_probs.shape[1]
         per_batch = args.train_batch_size // B  # prompts per training batch
-        passes = -(-args.grad_steps_per_epoch * args.gradient_accumulation_steps * per_batch // (N // B))
-        groups = [g for _ in range(passes) for g in torch.randperm(N // B, generator=generator).tolist()]
+        per_step = min(args.gradient_accumulation_steps * per_batch, len(trained))  # prompts per gradient step
+        passes = -(-args.grad_steps_per_epoch * per_step // len(trained)) if trained else 0
+        order = [trained[i] for _ in range(passes) for i in torch.randperm(len(trained), generator=generator).tolist()]
         with common.Timer() as train_timer:
-            for k in range(args.grad_steps_per_epoch):
-                for a in range(args.gradient_accumulation_steps):
-                    start = (k * args.gradient_accumulation_steps + a) * per_batch
-                    idx = torch.cat([torch.arange(g * B, (g + 1) * B) for g in groups[start:start + per_batch]])
-                    idx = idx.to(pipe.device)
+            for k in range(args.grad_steps_per_epoch if trained else 0):
+                step_prompts = order[k * per_step:(k + 1) * per_step]
+                batches = [step_prompts[i:i + per_batch] for i in range(0, per_step, per_batch)]
+                for batch in batches:
+                    idx = images_of(batch, B).to(pipe.device)
                     pairs = prompt_pairs(rewards_t[idx], B)
-                    if len(pairs) == 0:  # every image of these prompts scored the same: nothing to predict
-                        continue
                     # the loss compares whole trajectories, but backpropagating through all T UNet calls at once
                     # would hold T graphs in memory. So: (a) every step's log-prob without a graph (at theta_old,
                     # in the first gradient step, they are the sampled ones), the loss and its gradient with
@@ -191,7 +201,7 @@ def main(argv=None):
                     log_probs.requires_grad_(True)
                     loss, step_info = rdp_loss(log_probs - ref_log_probs[idx], old_log_ratio[idx], rewards_t[idx],
                                                pairs, args.beta, args.clip_eps)
-                    scaler.scale(loss / args.gradient_accumulation_steps).backward()
+                    scaler.scale(loss / len(batches)).backward()  # the mean over the step's batches
                     for s in range(T):
                         step_log_probs = common.recompute_log_probs(
                             pipe, samples.latents[idx, s], samples.latents[idx, s + 1], samples.timesteps[s],
@@ -203,7 +213,8 @@ def main(argv=None):
 
         # ---- 4. log, show, save ----
         metrics = {"epoch": epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                   **{k: float(np.mean(v)) for k, v in info.items()},
+                   **{k: float(np.mean(v)) if v else float("nan") for k, v in info.items()},
+                   "pairs": len(epoch_pairs), "trained_prompts": len(trained),
                    "sample_seconds": sample_timer.seconds, "train_seconds": train_timer.seconds,
                    "seconds": sample_timer.seconds + train_timer.seconds}
         common.end_epoch(pipe, optimizer, scaler, args, epoch, metrics, samples.images, batch_prompts, rewards,

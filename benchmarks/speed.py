@@ -63,11 +63,12 @@ def minimum_calls(algorithm, args, rows):
     """The fewest UNet calls the run needs with these settings, summed over its epochs (metrics `rows`), by phase.
 
     Every phase batches the conditional and unconditional halves of guidance into one call. Sampling: one call
-    per step per sampling batch. Reference log-probs: PRDP the same, once per epoch; D3PO only for the images of
-    decided pairs (ties are never trained), one call per step per sampling batch of them. Training: DDPO one
-    call per trained step per training batch and inner epoch; D3PO one per step per batch of pairs (ties are
-    dropped, so it depends on the epoch's pairs); PRDP one per step per training batch with a graph, plus, from
-    the second gradient step of an epoch on, one without (the loss needs the whole trajectory's log-ratio before
+    per step per sampling batch. Reference log-probs, once per epoch and only for the images that will be trained
+    (ties are never trained): D3PO the images of decided pairs, PRDP those of prompts with at least one decided
+    pair; one call per step per sampling batch of them. Training: DDPO one call per trained step per training
+    batch and inner epoch; D3PO one per step per batch of pairs (ties are dropped, so it depends on the epoch's
+    pairs); PRDP one per step per training batch of prompts with pairs with a graph, plus, from the second
+    gradient step of an epoch on, one without (the loss needs the whole trajectory's log-ratio before
     any step can be backpropagated; at theta_old the sampled log-probs serve)."""
     epochs, T = len(rows), args.num_steps
     calls = {"sample": epochs * args.sample_batches_per_epoch * T, "reference": 0}
@@ -79,9 +80,12 @@ def minimum_calls(algorithm, args, rows):
         calls["reference"] = sum(-(-2 * r["pairs"] // args.sample_batch_size) for r in rows) * T
         calls["train"] = sum(-(-r["pairs"] // (args.train_batch_size // 2)) for r in rows) * T
     elif algorithm == "prdp":
-        calls["reference"] = calls["sample"]
-        K, acc = args.grad_steps_per_epoch, args.gradient_accumulation_steps
-        calls["train"] = epochs * (2 * K - 1) * acc * T
+        B, K = args.images_per_prompt, args.grad_steps_per_epoch
+        calls["reference"] = sum(-(-B * r["trained_prompts"] // args.sample_batch_size) for r in rows) * T
+        per_batch = args.train_batch_size // B
+        batches = [-(-min(args.gradient_accumulation_steps * per_batch, r["trained_prompts"]) // per_batch)
+                   for r in rows]  # training batches in each gradient step of an epoch
+        calls["train"] = sum(batches) * (2 * K - 1) * T
     else:
         raise ValueError(algorithm)
     return calls

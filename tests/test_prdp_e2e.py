@@ -53,3 +53,49 @@ def test_lora_run_and_bad_settings(tiny_dir, prompt_file, tmp_path):
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(common.UserError, match="whole prompts"):
         prdp.main(tiny_args(tiny_dir, prompt_file, tmp_path / "bad", 1, "--images-per-prompt", "2"))
+
+
+def test_prompts_whose_images_all_tie_are_neither_referenced_nor_trained(tiny_dir, prompt_file, tmp_path,
+                                                                          monkeypatch):
+    import speed
+    # hand-computed: 3 images a prompt, sampling batches of 6, training batches of 1 prompt, up to 2 a step, K = 2,
+    # T = 3. One prompt with pairs: reference 1 call a step (3); training 1 batch x (2K - 1) passes x 3 steps (9).
+    # Two: reference still 1 call a step (6 images fit one batch); training 2 batches x 3 x 3 (18).
+    args = common.parse_args(prdp.Args, tiny_args(tiny_dir, prompt_file, tmp_path / "x", 1))
+    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 1}])["reference"] == 3
+    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 1}])["train"] == 9
+    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 2}])["train"] == 18
+    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 0}])["train"] == 0
+    # a reward under which every prompt but the horse ties: only the horse's images cost reference and training calls
+    (tmp_path / "tie_reward.py").write_text(
+        "def horse_brightness(images, prompts):\n"
+        "    return [float(im.mean()) if 'horse' in p else 0.0 for im, p in zip(images, prompts)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 4, "--reward", "tie_reward:horse_brightness")
+    with speed.count_unet_calls() as counts:
+        prdp.main(argv)
+    rows = common.read_metrics(tmp_path / "run")
+    trained = [r["trained_prompts"] for r in rows]
+    assert max(trained) >= 1 and min(trained) <= 1, trained  # the horse was drawn, and some prompt was skipped
+    assert all(r["pairs"] == 3 * r["trained_prompts"] for r in rows)  # 3 pairs of 3 images, none tied
+    assert counts == speed.minimum_calls("prdp", common.parse_args(prdp.Args, argv), rows)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_noise_starts_the_images_of_a_prompt_from_one_x_T(shared, tiny_dir, prompt_file, tmp_path,
+                                                                  monkeypatch):
+    drawn = []
+    sample_epoch = common.sample_epoch
+
+    def recording(*a, **k):
+        batch_prompts, samples = sample_epoch(*a, **k)
+        drawn.append(samples.latents[:, 0].reshape(2, 3, -1))  # 6 images = 2 prompts x 3, x_T of each
+        return batch_prompts, samples
+
+    monkeypatch.setattr(common, "sample_epoch", recording)
+    flag = "--shared-noise" if shared else "--no-shared-noise"
+    prdp.main(tiny_args(tiny_dir, prompt_file, tmp_path / "run", 1, flag))
+    x_T = drawn[0]
+    same = [torch.equal(x_T[p, 0], x_T[p, i]) for p in range(2) for i in (1, 2)]
+    assert all(same) if shared else not any(same)
+    assert not torch.equal(x_T[0, 0], x_T[1, 0])  # prompts still differ
