@@ -12,9 +12,9 @@ from conftest import ROOT
 
 # A few minutes of each preset, on the six yellow prompts only (the preset trains on all 24, so each prompt is
 # sampled four times as often here and learns faster), measured on 64 held-apart images of each. Measured on
-# seed 0 (2026-11-22): D3PO 71.5 -> 75.9 (+4.4, 5.4 standard errors) in 3.0 minutes, PRDP 71.5 -> 74.6 (+3.1,
-# 5.5 standard errors) in 3.7; a run that learns nothing, or learns the prompt-blind shortcut (bigger shapes),
-# stays within noise or falls.
+# seed 0 (2026-11-22): D3PO 71.5 -> 75.9 (+4.4, 5.4 standard errors) in 3.0 minutes, PRDP (beta 16) 71.5 -> 74.0
+# (+2.5, 5.1 standard errors) in 4.5; a run that learns nothing, or learns the prompt-blind shortcut (bigger
+# shapes), stays within noise or falls.
 FAST = {"d3po": ["--num-epochs", "40"], "prdp": ["--num-epochs", "30"]}
 EVAL_IMAGES = 64
 
