@@ -173,7 +173,7 @@ def main(argv=None):
                                                        images_of(trained, B))
         old_log_ratio = samples.log_probs - ref_log_probs  # per-step log-ratios of the sampling policy theta_old
 
-        # ---- 3. ALGO LOGIC: K proximal gradient steps, each on up to train_batch_size x accumulation whole prompts ----
+        # ---- 3. ALGO LOGIC: K proximal gradient steps, each on up to accumulation batches of whole prompts ----
         pipe.unet.train()
         info = {"loss": [], "predicted_diff": [], "actual_diff": [], "clipfrac": []}
         T = samples.log_probs.shape[1]
