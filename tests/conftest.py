@@ -28,3 +28,13 @@ def prompt_file(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def horse_only_reward(tmp_path, monkeypatch):
+    """The name of a user reward under which the images of every prompt but the horse all score 0 (they tie)."""
+    (tmp_path / "tie_reward.py").write_text(
+        "def horse_brightness(images, prompts):\n"
+        "    return [float(im.mean()) if 'horse' in p else 0.0 for im, p in zip(images, prompts)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "tie_reward:horse_brightness"

@@ -181,17 +181,13 @@ def test_training_on_a_round_takes_its_settings_and_says_which(first_round, tiny
 
 
 def test_reference_log_probs_are_computed_only_for_the_images_of_decided_pairs(tiny_dir, prompt_file, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 horse_only_reward):
     import speed
     # a hand-computed case: 3 decided pairs = 6 images, in sampling batches of 4 -> 2 calls a step, 3 steps
     args = common.parse_args(d3po.Args, tiny_args(tiny_dir, prompt_file, tmp_path / "x", 1, "--num-steps", "3"))
     assert speed.minimum_calls("d3po", args, [{"pairs": 3}])["reference"] == 6
     # a run where two of the three prompts always tie: it must call the UNet for the reference that few times
-    (tmp_path / "tie_reward.py").write_text(
-        "def horse_brightness(images, prompts):\n"
-        "    return [float(im.mean()) if 'horse' in p else 0.0 for im, p in zip(images, prompts)]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 2, "--reward", "tie_reward:horse_brightness")
+    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 2, "--reward", horse_only_reward)
     with speed.count_unet_calls() as counts:
         d3po.main(argv)
     rows = common.read_metrics(tmp_path / "run")

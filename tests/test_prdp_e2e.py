@@ -56,22 +56,18 @@ def test_lora_run_and_bad_settings(tiny_dir, prompt_file, tmp_path):
 
 
 def test_prompts_whose_images_all_tie_are_neither_referenced_nor_trained(tiny_dir, prompt_file, tmp_path,
-                                                                          monkeypatch):
+                                                                          horse_only_reward):
     import speed
-    # hand-computed: 3 images a prompt, sampling batches of 6, training batches of 1 prompt, up to 2 a step, K = 2,
-    # T = 3. One prompt with pairs: reference 1 call a step (3); training 1 batch x (2K - 1) passes x 3 steps (9).
-    # Two: reference still 1 call a step (6 images fit one batch); training 2 batches x 3 x 3 (18).
-    args = common.parse_args(prdp.Args, tiny_args(tiny_dir, prompt_file, tmp_path / "x", 1))
-    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 1}])["reference"] == 3
-    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 1}])["train"] == 9
-    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 2}])["train"] == 18
-    assert speed.minimum_calls("prdp", args, [{"trained_prompts": 0}])["train"] == 0
+    # hand-computed: 3 images a prompt, sampling batches of 3 (one prompt), training batches of 1 prompt, up to 2 a
+    # step, K = 2, T = 3. One prompt with pairs: reference 1 call a step (3); training 1 batch x (2K - 1) passes x 3
+    # steps (9). Two: reference 2 calls a step (6); training 2 batches x 3 x 3 (18). None: no call.
+    small = ("--sample-batch-size", "3", "--sample-batches-per-epoch", "2")
+    args = common.parse_args(prdp.Args, tiny_args(tiny_dir, prompt_file, tmp_path / "x", 1, *small))
+    for trained, reference, train in ((0, 0, 0), (1, 3, 9), (2, 6, 18)):
+        calls = speed.minimum_calls("prdp", args, [{"trained_prompts": trained}])
+        assert (calls["reference"], calls["train"]) == (reference, train)
     # a reward under which every prompt but the horse ties: only the horse's images cost reference and training calls
-    (tmp_path / "tie_reward.py").write_text(
-        "def horse_brightness(images, prompts):\n"
-        "    return [float(im.mean()) if 'horse' in p else 0.0 for im, p in zip(images, prompts)]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 4, "--reward", "tie_reward:horse_brightness")
+    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 4, *small, "--reward", horse_only_reward)
     with speed.count_unet_calls() as counts:
         prdp.main(argv)
     rows = common.read_metrics(tmp_path / "run")
