@@ -5,12 +5,14 @@
     python benchmarks/shapes.py --algorithms d3po --seeds 0 --epochs 30    # shorter
     python benchmarks/shapes.py --algorithms d3po --seeds 0 --results /tmp/r -- --reward shapes_alignment
                                                          # flags after -- go to the training script
+    python benchmarks/shapes.py --algorithms prdp --seeds 0 1 2 3 --epochs 30 --eval-images 64 --results /tmp/y \
+        -- --prompt-file tutorials/shapes_yellow.txt     # the six yellow prompts, as tests/test_learning.py
 
 For each algorithm and seed it prints the prompt alignment of the model before and after fine-tuning
 (mean soft score x 100, with the standard error of its change, and the share of images right in colour, shape
 and size), the shape-area objective, and the wall time of the fine-tuning run; it saves before/after grids
 (one image per prompt) under benchmarks/results/. The evaluation samples every prompt of the run's prompt file
-(tutorials/shapes.txt) EVAL_IMAGES_PER_PROMPT times from EVAL_SEED, a seed no training run uses (training draws
+(tutorials/shapes.txt by default) --eval-images times (16) from EVAL_SEED, a seed no training run uses (training draws
 from seed * 1_000_003 + epoch).
 """
 import argparse
@@ -78,6 +80,8 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's --num-epochs")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"), help="where grids go")
+    parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES_PER_PROMPT,
+                        help="held-apart images of each prompt to measure (more for fewer prompts)")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     opts, script_flags = parser.parse_args(argv[:split]), argv[split + 1:]
@@ -89,8 +93,8 @@ def main(argv=None):
             for seed in opts.seeds:
                 args, run_dir, seconds = fine_tune(algorithm, seed, extra, workdir)
                 prompts = common.load_prompts(args.prompt_file)
-                before, before_images = measure(*load_trained(args), args, prompts)
-                after, after_images = measure(*load_trained(args, run_dir), args, prompts)
+                before, before_images = measure(*load_trained(args), args, prompts, opts.eval_images)
+                after, after_images = measure(*load_trained(args, run_dir), args, prompts, opts.eval_images)
                 rows.append((algorithm, seed, before, after, seconds, args.num_epochs))
                 if seed == opts.seeds[0]:
                     captions = [p.replace("a ", "", 1).replace(" on the", "") for p in prompts]
@@ -98,7 +102,7 @@ def main(argv=None):
                                      columns=6, scale=4)
                     common.save_grid(after_images, captions, os.path.join(opts.results, f"{algorithm}_after.png"),
                                      columns=6, scale=4)
-    print(f"\nshapes world: {EVAL_IMAGES_PER_PROMPT} images for each of the 24 prompts from held-apart noise, "
+    print(f"\nshapes world: {opts.eval_images} images for each of the {len(prompts)} prompts from held-apart noise, "
           f"before -> after fine-tuning")
     if script_flags:
         print(f"flags given to the training scripts: {' '.join(script_flags)}")
