@@ -28,33 +28,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import bookkeeping  # noqa: E402
 import common  # noqa: E402
+from rewards import compute_rewards, get_reward_fn  # noqa: E402
+from tutorials.shapes_world import shape_area, shape_scores  # noqa: E402
 
 EVAL_SEED = 987_654_321
 EVAL_IMAGES_PER_PROMPT = 16
 
 
 def load_trained(args, run_dir=None):
-    """(pipe, autocast): the toy pipeline as configured by `args`; with run_dir, with that run's weights."""
-    pipe, params, autocast = common.load_pipeline(args.model, args.device, args.mixed_precision, args.lora_rank,
-                                                  args.resolution, args.seed, lora_targets=args.lora_targets)
+    """The toy model's policy as configured by `args`; with run_dir, with that run's weights."""
+    policy, params = common.load_policy(args)
     if run_dir is not None:
         optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)
-        common.load_checkpoint(pipe, optimizer, common.make_scaler(args.device, args.mixed_precision), run_dir)
-    return pipe, autocast
+        bookkeeping.load_checkpoint(policy.pipe, optimizer, common.make_scaler(args.device, args.mixed_precision),
+                                    run_dir)
+    return policy
 
 
-def measure(pipe, autocast, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT):
+def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT):
     """On the held-apart evaluation noise: the run's own reward, alignment (soft x 100, and % fully right) and
     shape area (% of the image); also one image per prompt for the grids."""
-    pipe.unet.eval()
+    policy.pipe.unet.eval()
     eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    images = common.evaluate(pipe, eval_prompts, EVAL_SEED, args, autocast)
-    soft, hard, _ = common.shape_scores(images, eval_prompts)
-    reward = common.compute_rewards(common.get_reward_fn(args.reward), images, eval_prompts)
+    images = common.evaluate(policy, eval_prompts, EVAL_SEED)
+    soft, hard, _ = shape_scores(images, eval_prompts)
+    reward = compute_rewards(get_reward_fn(args.reward), images, eval_prompts)
     return {"reward": float(reward.mean()), "alignment": 100 * float(soft.mean()), "per_image_alignment": soft,
             "fully_right": 100 * float(hard.mean()),
-            "area": 100 * float(common.shape_area(images, eval_prompts).mean())}, images[::images_per_prompt]
+            "area": 100 * float(shape_area(images, eval_prompts).mean())}, images[::images_per_prompt]
 
 
 def paired_se(before, after):
@@ -71,7 +74,7 @@ def fine_tune(algorithm, seed, extra_argv, workdir):
     argv = ["--model", "toy", "--output-dir", run_dir, "--seed", str(seed), "--device", "cpu", *extra_argv]
     start = time.perf_counter()
     module.main(argv)
-    return common.parse_args(module.Args, argv, presets=module.PRESETS), run_dir, time.perf_counter() - start
+    return bookkeeping.parse_args(module.Args, argv, presets=module.PRESETS), run_dir, time.perf_counter() - start
 
 
 def main(argv=None):
@@ -92,16 +95,15 @@ def main(argv=None):
         for algorithm in opts.algorithms:
             for seed in opts.seeds:
                 args, run_dir, seconds = fine_tune(algorithm, seed, extra, workdir)
-                prompts = common.load_prompts(args.prompt_file)
-                before, before_images = measure(*load_trained(args), args, prompts, opts.eval_images)
-                after, after_images = measure(*load_trained(args, run_dir), args, prompts, opts.eval_images)
+                prompts = bookkeeping.load_prompts(args.prompt_file)
+                before, before_images = measure(load_trained(args), args, prompts, opts.eval_images)
+                after, after_images = measure(load_trained(args, run_dir), args, prompts, opts.eval_images)
                 rows.append((algorithm, seed, before, after, seconds, args.num_epochs))
                 if seed == opts.seeds[0]:
                     captions = [p.replace("a ", "", 1).replace(" on the", "") for p in prompts]
-                    common.save_grid(before_images, captions, os.path.join(opts.results, f"{algorithm}_before.png"),
-                                     columns=6, scale=4)
-                    common.save_grid(after_images, captions, os.path.join(opts.results, f"{algorithm}_after.png"),
-                                     columns=6, scale=4)
+                    for when, images in (("before", before_images), ("after", after_images)):
+                        bookkeeping.save_grid(images, captions, os.path.join(opts.results, f"{algorithm}_{when}.png"),
+                                              columns=6, scale=4)
     print(f"\nshapes world: {opts.eval_images} images for each of the {len(prompts)} prompts from held-apart noise, "
           f"before -> after fine-tuning")
     if script_flags:

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import bookkeeping  # noqa: E402
 import common  # noqa: E402
 
 
@@ -25,12 +26,12 @@ def count_unet_calls():
     """Counts UNet forward calls made while sampling, computing reference log-probs and training: yields
     {'sample': n, 'reference': n, 'train': n} (and 'other' for anything else)."""
     counts, phase = {"sample": 0, "reference": 0, "train": 0}, ["other"]
-    names = {"sample_trajectories": "sample", "reference_log_probs": "reference", "recompute_log_probs": "train"}
+    names = {"sample_trajectories": "sample", "reference_log_probs": "reference", "log_prob": "train"}
     originals = {name: getattr(common, name) for name in ("load_pipeline", *names)}
 
     def in_phase(name, fn):
         def wrapped(*args, **kwargs):
-            if phase[0] != "other":  # reference_log_probs calls recompute_log_probs: the outer phase counts
+            if phase[0] != "other":  # reference_log_probs calls log_prob: the outer phase counts
                 return fn(*args, **kwargs)
             phase[0] = name
             try:
@@ -42,7 +43,7 @@ def count_unet_calls():
     def count(*_):
         counts[phase[0]] = counts.get(phase[0], 0) + 1
 
-    def load_pipeline(*args, **kwargs):
+    def load_pipeline(*args, **kwargs):  # common.load_policy calls it too
         pipe, params, autocast = originals["load_pipeline"](*args, **kwargs)
         for unet in (pipe.unet, getattr(pipe, "reference_unet", None)):
             if unet is not None:
@@ -115,8 +116,8 @@ def main():
         with count_unet_calls() as counts:
             module.main(argv)
         wall = time.perf_counter() - start
-        rows = common.read_metrics(os.path.join(tmp, "run"))
-        args = common.parse_args(module.Args, argv)
+        rows = bookkeeping.read_metrics(os.path.join(tmp, "run"))
+        args = bookkeeping.parse_args(module.Args, argv)
     minimum = minimum_calls(opts.algorithm, args, rows)
     per_epoch = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     print(f"\n{opts.algorithm}.py on a tiny pipeline: {opts.epochs} epochs, {opts.steps} steps, "

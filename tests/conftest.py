@@ -38,3 +38,12 @@ def horse_only_reward(tmp_path, monkeypatch):
         "    return [float(im.mean()) if 'horse' in p else 0.0 for im, p in zip(images, prompts)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "tie_reward:horse_brightness"
+
+
+@pytest.fixture
+def distinct_reward(tmp_path, monkeypatch):
+    """The name of a user reward under which no two images tie: their mean brightness."""
+    (tmp_path / "distinct_reward.py").write_text(
+        "def brightness(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "distinct_reward:brightness"

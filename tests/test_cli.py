@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import bookkeeping
 import d3po
 import ddpo
 import prdp
@@ -40,15 +41,21 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path):
     }
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_input_is_one_sentence_without_traceback(script, tiny_dir, prompt_file, tmp_path):
+@pytest.mark.parametrize("script, module", [("ddpo.py", ddpo), ("d3po.py", d3po), ("prdp.py", prdp)])
+def test_bad_input_is_one_sentence_without_traceback(script, module, tiny_dir, prompt_file, tmp_path, capsys):
+    """Each case through the scripts' own entry point, bookkeeping.run_main, in this process; and one of them as a
+    command, to see what a user sees."""
     for case, (args, message) in bad_inputs(tiny_dir, prompt_file, tmp_path).items():
-        result = run(script, *args)
-        assert result.returncode != 0, case
-        assert "Traceback" not in result.stderr, (case, result.stderr)
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and message in last, (case, result.stderr)
+        with pytest.raises(SystemExit) as exit_status:
+            bookkeeping.run_main(lambda: module.main(args))
+        assert exit_status.value.code == 2, case
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, (case, last)
         assert not os.path.exists(tmp_path / "out" / "checkpoint.pt"), case  # stopped before any work
+    args, message = bad_inputs(tiny_dir, prompt_file, tmp_path)["eta zero"]
+    result = run(script, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"] and message in result.stderr
 
 
 # flags whose default is a choice of this project rather than a hyperparameter with a source
@@ -75,27 +82,36 @@ def test_help_documents_every_flag_with_default_and_source(script, module):
 
 
 def test_toy_preset_replaces_defaults_but_not_given_flags():
-    import common
-    args = common.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate", "5e-4"], presets=ddpo.PRESETS)
+    args = bookkeeping.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate", "5e-4"], presets=ddpo.PRESETS)
     assert args.learning_rate == 5e-4                                   # given: kept
     assert args.num_steps == ddpo.PRESETS["toy"]["num_steps"] != ddpo.Args.num_steps  # not given: preset
     assert args.reward == "shape_area" and args.lora_rank == 0
-    plain = common.parse_args(ddpo.Args, ["--model", "some/model"], presets=ddpo.PRESETS)
+    plain = bookkeeping.parse_args(ddpo.Args, ["--model", "some/model"], presets=ddpo.PRESETS)
     assert plain.num_steps == ddpo.Args.num_steps and plain.learning_rate == ddpo.Args.learning_rate
 
 
 def test_abbreviated_flags_are_refused_rather_than_overridden_by_a_preset():
     """argparse would read --learning as --learning-rate, but the preset would not see it as given."""
-    import common
     with pytest.raises(SystemExit):
-        common.parse_args(ddpo.Args, ["--model", "toy", "--learning", "5e-4"], presets=ddpo.PRESETS)
-    args = common.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate=5e-4"], presets=ddpo.PRESETS)
+        bookkeeping.parse_args(ddpo.Args, ["--model", "toy", "--learning", "5e-4"], presets=ddpo.PRESETS)
+    args = bookkeeping.parse_args(ddpo.Args, ["--model", "toy", "--learning-rate=5e-4"], presets=ddpo.PRESETS)
     assert args.learning_rate == 5e-4
 
 
 def test_a_bool_flag_turned_off_on_the_command_line_wins_over_a_preset_that_turns_it_on():
-    import common
     presets = {"toy": {"shared_noise": True}}
-    assert common.parse_args(prdp.Args, ["--model", "toy"], presets=presets).shared_noise
-    assert not common.parse_args(prdp.Args, ["--model", "toy", "--no-shared-noise"], presets=presets).shared_noise
-    assert common.parse_args(prdp.Args, ["--model", "x", "--shared-noise"], presets=presets).shared_noise
+    assert bookkeeping.parse_args(prdp.Args, ["--model", "toy"], presets=presets).shared_noise
+    assert not bookkeeping.parse_args(prdp.Args, ["--model", "toy", "--no-shared-noise"], presets=presets).shared_noise
+    assert bookkeeping.parse_args(prdp.Args, ["--model", "x", "--shared-noise"], presets=presets).shared_noise
+
+
+@pytest.mark.parametrize("module, flag, value, interval", [
+    (ddpo, "--timestep-fraction", "0", "(0, 1]"), (ddpo, "--inner-epochs", "0", "[1, inf)"),
+    (d3po, "--ratio-clip", "1.0", "(0, 1)"), (d3po, "--beta", "0", "(0, inf)"),
+    (prdp, "--images-per-prompt", "1", "[2, inf)"), (prdp, "--clip-eps", "-1e-3", "(0, inf)")])
+def test_the_algorithms_own_flags_are_checked_against_their_interval(module, flag, value, interval):
+    args = bookkeeping.parse_args(module.Args, ["--model", "toy", f"{flag}={value}"], presets=module.PRESETS)
+    with pytest.raises(bookkeeping.UserError, match=re.escape(f"{flag} must be in {interval} (got ")):
+        module.check_args(args)
+    ok = bookkeeping.parse_args(module.Args, ["--model", "toy"], presets=module.PRESETS)
+    module.check_args(ok)

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bookkeeping
 import common
 import d3po
+import human_feedback
 
 
 def tiny_args(tiny_dir, prompt_file, output_dir, epochs=2, *extra):
@@ -28,7 +30,7 @@ def online_run(tiny_dir, prompt_file, tmp_path_factory):
 
 def test_online_run_writes_every_output(online_run):
     out = online_run
-    rows = common.read_metrics(out)
+    rows = bookkeeping.read_metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1]
     for key in ("reward_mean", "reward_std", "loss", "accuracy", "clipfrac", "seconds"):
         assert all(isinstance(r[key], float) for r in rows), key
@@ -43,7 +45,7 @@ def test_resume_continues_like_an_uninterrupted_run(online_run, tiny_dir, prompt
     out = tmp_path / "run"
     d3po.main(tiny_args(tiny_dir, prompt_file, out, 1))
     d3po.main(["--resume", str(out), "--num-epochs", "2"])
-    for a, b in zip(common.read_metrics(out), common.read_metrics(online_run), strict=True):
+    for a, b in zip(bookkeeping.read_metrics(out), bookkeeping.read_metrics(online_run), strict=True):
         for key in ("reward_mean", "loss", "accuracy", "clipfrac"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
     lora = "lora/pytorch_lora_weights.safetensors"
@@ -54,7 +56,7 @@ def test_resume_continues_like_an_uninterrupted_run(online_run, tiny_dir, prompt
 def test_several_rewards_use_pareto_dominance(tiny_dir, prompt_file, tmp_path):
     d3po.main(tiny_args(tiny_dir, prompt_file, tmp_path / "two", 1, "--reward",
                         "jpeg_compressibility,jpeg_incompressibility"))
-    row = common.read_metrics(tmp_path / "two")[0]
+    row = bookkeeping.read_metrics(tmp_path / "two")[0]
     # one reward is minus the other, so no image dominates: every pair is a draw and nothing is trained
     assert row["pairs"] == 0 and np.isnan(row["loss"])
     assert row["jpeg_compressibility_mean"] == pytest.approx(-row["jpeg_incompressibility_mean"])
@@ -99,7 +101,7 @@ def test_two_rounds_of_human_feedback(first_round, tiny_dir, prompt_file):
     train1 = first_round / "train1"
     d3po.main(round_args(tiny_dir, prompt_file, train1, "--labels", str(r1), "--num-epochs", "2",
                          "--learning-rate", "1e-2"))
-    rows = common.read_metrics(train1)
+    rows = bookkeeping.read_metrics(train1)
     assert [r["pairs"] for r in rows] == [2 + 3, 2 + 3]  # prompt 0: (0,2), (1,2); prompt 2: all three pairs
     assert rows[1]["accuracy"] > 0 and "reward_mean" not in rows[0]
     assert (train1 / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -122,13 +124,14 @@ def test_two_rounds_of_human_feedback(first_round, tiny_dir, prompt_file):
     label(r2, "carol.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
     d3po.main(round_args(tiny_dir, prompt_file, first_round / "train2", "--labels", str(r2), "--num-epochs", "1"))
     assert json.loads((first_round / "train2" / "config.json").read_text())["start_from"] == str(train1)
-    assert common.read_metrics(first_round / "train2")[0]["pairs"] == 3 + 3 + 2
+    assert bookkeeping.read_metrics(first_round / "train2")[0]["pairs"] == 3 + 3 + 2
 
 
 BAD_LABELS = {
     "wrong prompt count": ([[1, 2, 3]], "has 1 prompts but the round has 3"),
     "wrong number of scores": ([[1, 2, 3], [1, 2], [1, 2, 3]], "prompt 1 ('a dog'): 2 scores for 3 images"),
-    "not a number": ([[1, 2, 3], [1, "good", 3], [1, 2, 3]], "prompt 1 ('a dog'), image #1: score 'good' is not a number"),
+    "not a number": ([[1, 2, 3], [1, "good", 3], [1, 2, 3]],
+                     "prompt 1 ('a dog'), image #1: score 'good' is not a number"),
     "left empty": ([[1, 2, 3], [1, 2, 3], [None, 2, 3]], "image #0: score None is not a number"),
 }
 
@@ -138,7 +141,7 @@ def test_label_files_that_do_not_match_their_round_are_refused(case, first_round
     scores, message = BAD_LABELS[case]
     r = tmp_path / "round"
     r.mkdir()
-    for f in ("config.json", "trajectories.safetensors", "labels_template.json"):
+    for f in human_feedback.ROUND_FILES:
         (r / f).write_bytes((first_round / "round1" / f).read_bytes())
     template = json.loads((r / "labels_template.json").read_text())
     entries = [dict(template[i], scores=s) for i, s in enumerate(scores)]
@@ -152,7 +155,7 @@ def test_label_files_that_do_not_match_their_round_are_refused(case, first_round
 def test_a_round_without_labels_is_refused(first_round, tiny_dir, prompt_file, tmp_path):
     r = tmp_path / "round"
     r.mkdir()
-    for f in ("config.json", "trajectories.safetensors", "labels_template.json"):
+    for f in human_feedback.ROUND_FILES:
         (r / f).write_bytes((first_round / "round1" / f).read_bytes())
     with pytest.raises(common.UserError, match="no label files"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
@@ -166,7 +169,7 @@ def test_training_on_a_round_takes_its_settings_and_says_which(first_round, tiny
     with; a flag that says otherwise is replaced, and the run prints which."""
     r = tmp_path / "round"
     r.mkdir()
-    for f in ("config.json", "trajectories.safetensors", "labels_template.json"):
+    for f in human_feedback.ROUND_FILES:
         (r / f).write_bytes((first_round / "round1" / f).read_bytes())
     label(r, "erin.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
     out = tmp_path / "out"
@@ -181,16 +184,48 @@ def test_training_on_a_round_takes_its_settings_and_says_which(first_round, tiny
 
 
 def test_reference_log_probs_are_computed_only_for_the_images_of_decided_pairs(tiny_dir, prompt_file, tmp_path,
-                                                                                 horse_only_reward):
+                                                                                 horse_only_reward, monkeypatch):
+    """Under a reward that ties every prompt but the horse, only the horse's pairs are decided. The test sees which
+    prompts were sampled, and counts the UNet calls it expects from them: the reference model's for the images of
+    the horse's pairs (in batches of --sample-batch-size 4, one call a batch and step), and training's for batches of
+    --train-batch-size 2 images, one pair (one call a pair and step)."""
     import speed
-    # a hand-computed case: 3 decided pairs = 6 images, in sampling batches of 4 -> 2 calls a step, 3 steps
-    args = common.parse_args(d3po.Args, tiny_args(tiny_dir, prompt_file, tmp_path / "x", 1, "--num-steps", "3"))
-    assert speed.minimum_calls("d3po", args, [{"pairs": 3}])["reference"] == 6
-    # a run where two of the three prompts always tie: it must call the UNet for the reference that few times
-    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 2, "--reward", horse_only_reward)
+    drawn = []
+    sample_epoch = common.sample_epoch
+
+    def recording(*a, **k):
+        batch_prompts, samples = sample_epoch(*a, **k)
+        drawn.append(batch_prompts)
+        return batch_prompts, samples
+
+    monkeypatch.setattr(common, "sample_epoch", recording)
     with speed.count_unet_calls() as counts:
-        d3po.main(argv)
-    rows = common.read_metrics(tmp_path / "run")
-    # some pairs were decided, and in some epoch few enough that skipping the ties saves reference calls
-    assert sum(r["pairs"] for r in rows) > 0 and min(r["pairs"] for r in rows) <= 2, rows
-    assert counts == speed.minimum_calls("d3po", common.parse_args(d3po.Args, argv), rows)
+        d3po.main(tiny_args(tiny_dir, prompt_file, tmp_path / "run", 3, "--reward", horse_only_reward))
+    horse_pairs = [sum("horse" in p for p in prompts[0::2]) for prompts in drawn]  # 4 pairs an epoch
+    assert len(drawn) == 3 and 0 < sum(horse_pairs) and min(horse_pairs) < 4, horse_pairs
+    steps, sampling_batches = 4, 2
+    assert counts == {"sample": 3 * sampling_batches * steps,
+                      "reference": sum(-(-2 * n // 4) for n in horse_pairs) * steps,
+                      "train": sum(horse_pairs) * steps}
+    assert [r["pairs"] for r in bookkeeping.read_metrics(tmp_path / "run")] == horse_pairs
+
+
+def test_a_round_trained_with_other_numerics_gets_its_reference_log_probs_computed_again(first_round, tiny_dir,
+                                                                                        prompt_file, tmp_path):
+    """The stored sampling log-probs are the reference's only when training computes log-probs as sampling did; a
+    round sampled in float32 and trained under bf16 autocast has them computed again, with this run's numerics."""
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in human_feedback.ROUND_FILES:
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    label(r, "erin.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
+    for mixed_precision, recomputed in (("no", False), ("bf16", True)):
+        args = bookkeeping.parse_args(d3po.Args, round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r),
+                                                       "--mixed-precision", mixed_precision))
+        d3po.check_args(args)
+        policy, _ = common.load_policy(args, reference=True)
+        _, samples, _, _, ref_log_probs = human_feedback.load_round(policy, args)
+        with torch.no_grad():
+            expected = common.reference_log_probs(policy, samples, args.sample_batch_size)  # this run's numerics
+        torch.testing.assert_close(ref_log_probs, expected, rtol=0, atol=1e-6)
+        assert torch.equal(ref_log_probs, samples.log_probs) != recomputed

@@ -7,9 +7,10 @@ from diffusers import DDIMScheduler
 import common
 
 
-def sd_scheduler(prediction_type="epsilon", num_steps=20):
-    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                      set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+def sd_scheduler(prediction_type="epsilon", num_steps=20, **config):
+    config = dict(dict(clip_sample=False, set_alpha_to_one=False), **config)
+    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      prediction_type=prediction_type, **config)
     s.set_timesteps(num_steps)
     return s
 
@@ -22,12 +23,15 @@ def diffusers_mean_std(scheduler, model_output, t, sample, eta):
     return mean, std
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type, config", [
+    ("epsilon", {}), ("v_prediction", {}), ("sample", {}),
+    ("epsilon", {"clip_sample": True, "clip_sample_range": 1.5}), ("sample", {"clip_sample": True})])
 @pytest.mark.parametrize("eta", [0.3, 0.7, 1.0])
-def test_log_prob_matches_normal_scalar_timestep(prediction_type, eta):
-    scheduler = sd_scheduler(prediction_type)
+def test_log_prob_matches_normal_scalar_timestep(prediction_type, config, eta):
+    """Every prediction type and clip_sample: the step's mean and sigma are diffusers' DDIMScheduler.step's."""
+    scheduler = sd_scheduler(prediction_type, **config)
     for t in scheduler.timesteps[[0, 7, 13, -1]]:  # first, middle and the last step (abar_prev = abar_0)
-        sample, model_output = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+        sample, model_output = torch.randn(3, 4, 8, 8), 2 * torch.randn(3, 4, 8, 8)  # x0_hat beyond the clip range
         prev, log_prob = common.ddim_step_with_logprob(scheduler, model_output, t, sample, eta)
         mean, std = diffusers_mean_std(scheduler, model_output, int(t), sample, eta)
         expected = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
@@ -68,15 +72,19 @@ def test_generator_makes_the_step_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_half_precision_model_output_is_scored_in_float32():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_scored_in_float32(dtype):
+    """A half-precision model output (and latents) is scored as its exact float32 value, in float32: the result
+    matches a float64 computation to float32 accuracy, which a computation in the half dtype cannot (it is off by
+    about 1e-3 relative)."""
     scheduler = sd_scheduler()
     t = scheduler.timesteps[4]
-    sample, prev = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    model_output = torch.randn(2, 4, 8, 8).half()
-    _, lp_half = common.ddim_step_with_logprob(scheduler, model_output, t, sample, 1.0, prev_sample=prev)
-    _, lp_full = common.ddim_step_with_logprob(scheduler, model_output.float(), t, sample, 1.0, prev_sample=prev)
-    assert lp_half.dtype == torch.float32
-    assert torch.equal(lp_half, lp_full)
+    sample, prev, model_output = (torch.randn(2, 4, 8, 8).to(dtype) for _ in range(3))
+    _, log_prob = common.ddim_step_with_logprob(scheduler, model_output, t, sample, 1.0, prev_sample=prev)
+    assert log_prob.dtype == torch.float32
+    mean, std = diffusers_mean_std(scheduler, model_output.double(), int(t), sample.double(), 1.0)
+    expected = torch.distributions.Normal(mean, std).log_prob(prev.double()).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob.double(), expected, atol=2e-6, rtol=2e-6)
 
 
 def test_gradient_flows_to_model_output_not_to_prev_sample():
@@ -95,3 +103,32 @@ def test_eta_zero_is_refused(eta):
     with pytest.raises(common.UserError, match="eta must be > 0"):
         common.ddim_step_with_logprob(scheduler, torch.randn(1, 4, 8, 8), scheduler.timesteps[0],
                                       torch.randn(1, 4, 8, 8), eta)
+
+
+def test_a_scheduler_whose_last_step_is_deterministic():
+    """set_alpha_to_one=True: abar_prev = 1 at the last step, so sigma = 0 and x_0 is the step's mean, as
+    diffusers' DDIMScheduler.step gives it. The log-density is not defined there; the step is no decision of the
+    policy, so its log-prob is 0 (finite, with no gradient), and every earlier step is scored as usual."""
+    scheduler = sd_scheduler(set_alpha_to_one=True, num_steps=10)
+    last, earlier = scheduler.timesteps[-1], scheduler.timesteps[3]
+    sample = torch.randn(2, 4, 8, 8)
+    model_output = torch.randn(2, 4, 8, 8, requires_grad=True)
+    prev, log_prob = common.ddim_step_with_logprob(scheduler, model_output, last, sample, 1.0,
+                                                   generator=torch.Generator().manual_seed(0))
+    expected = scheduler.step(model_output.detach(), int(last), sample, eta=1.0).prev_sample  # deterministic: no noise
+    torch.testing.assert_close(prev.detach(), expected)
+    assert torch.equal(log_prob, torch.zeros(2))
+    log_prob.sum().backward()
+    assert model_output.grad is None or model_output.grad.abs().max() == 0
+    # per-sample timesteps mixing the last step with an earlier one: only the last one is deterministic
+    both = torch.stack([last, earlier])
+    _, log_prob = common.ddim_step_with_logprob(scheduler, model_output.detach(), both, sample, 1.0,
+                                                prev_sample=torch.randn(2, 4, 8, 8))
+    assert log_prob[0] == 0 and torch.isfinite(log_prob[1]) and log_prob[1] != 0
+
+
+def test_dynamic_thresholding_is_refused():
+    scheduler = sd_scheduler(thresholding=True)
+    with pytest.raises(common.UserError, match="dynamic thresholding"):
+        common.ddim_step_with_logprob(scheduler, torch.randn(1, 4, 8, 8), scheduler.timesteps[0],
+                                      torch.randn(1, 4, 8, 8), 1.0)

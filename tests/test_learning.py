@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import bookkeeping
 import d3po
 import shapes
 from conftest import ROOT
@@ -27,10 +27,10 @@ EVAL_IMAGES = 64
 def test_short_toy_run_raises_prompt_alignment(algorithm, tmp_path):
     flags = FAST[algorithm] + ["--prompt-file", os.path.join(ROOT, "tutorials", "shapes_yellow.txt")]
     args, run_dir, seconds = shapes.fine_tune(algorithm, 0, flags, str(tmp_path))
-    prompts = common.load_prompts(args.prompt_file)
-    assert prompts == [p for p in common.load_prompts(os.path.join(ROOT, "tutorials", "shapes.txt")) if "yellow" in p]
-    before, _ = shapes.measure(*shapes.load_trained(args), args, prompts, EVAL_IMAGES)
-    after, _ = shapes.measure(*shapes.load_trained(args, run_dir), args, prompts, EVAL_IMAGES)
+    prompts = bookkeeping.load_prompts(args.prompt_file)
+    assert prompts == [p for p in bookkeeping.load_prompts(os.path.join(ROOT, "tutorials", "shapes.txt")) if "yellow" in p]
+    before, _ = shapes.measure(shapes.load_trained(args), args, prompts, EVAL_IMAGES)
+    after, _ = shapes.measure(shapes.load_trained(args, run_dir), args, prompts, EVAL_IMAGES)
     change, se = after["alignment"] - before["alignment"], shapes.paired_se(before, after)
     print(f"{algorithm}: alignment on held-apart noise {before['alignment']:.1f} -> {after['alignment']:.1f} "
           f"({change:+.1f}, s.e. {se:.2f}), area {before['area']:.1f}% -> {after['area']:.1f}%, "
@@ -59,9 +59,9 @@ def test_benchmark_measures_eval_images_of_each_prompt_of_the_runs_prompt_file(m
 
     def fake_fine_tune(algorithm, seed, extra_argv, workdir):
         argv = ["--model", "toy", "--output-dir", str(tmp_path / "run"), *extra_argv]
-        return common.parse_args(d3po.Args, argv, presets=d3po.PRESETS), str(tmp_path / "run"), 60.0
+        return bookkeeping.parse_args(d3po.Args, argv, presets=d3po.PRESETS), str(tmp_path / "run"), 60.0
 
-    def fake_measure(pipe, autocast, args, prompts, images_per_prompt):
+    def fake_measure(policy, args, prompts, images_per_prompt):
         measured.append((len(prompts), images_per_prompt))
         n = len(prompts) * images_per_prompt
         scores = {"reward": 0.5, "alignment": 70.0 + len(measured), "per_image_alignment": np.full(n, 0.7),
@@ -69,7 +69,7 @@ def test_benchmark_measures_eval_images_of_each_prompt_of_the_runs_prompt_file(m
         return scores, torch.rand(len(prompts), 3, 8, 8)
 
     monkeypatch.setattr(shapes, "fine_tune", fake_fine_tune)
-    monkeypatch.setattr(shapes, "load_trained", lambda args, run_dir=None: (None, None))
+    monkeypatch.setattr(shapes, "load_trained", lambda args, run_dir=None: None)
     monkeypatch.setattr(shapes, "measure", fake_measure)
     shapes.main(["--algorithms", "d3po", "--seeds", "0", "--eval-images", "8", "--results", str(tmp_path), "--",
                  "--prompt-file", yellow])

@@ -5,8 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bookkeeping
 import common
 import prdp
+from rewards import compute_rewards
 
 
 def tiny_args(tiny_dir, prompt_file, output_dir, epochs=2, *extra):
@@ -20,27 +22,39 @@ def tiny_args(tiny_dir, prompt_file, output_dir, epochs=2, *extra):
 @pytest.fixture(scope="module")
 def finished_run(tiny_dir, prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("prdp") / "run"
-    prdp.main(tiny_args(tiny_dir, prompt_file, out))
-    return out
+    scored = []
+    with pytest.MonkeyPatch.context() as patch:  # the rewards each epoch got, to check the metrics against
+        patch.setattr(prdp, "compute_rewards", lambda *a: scored.append(compute_rewards(*a)) or scored[-1])
+        prdp.main(tiny_args(tiny_dir, prompt_file, out))
+    return out, scored
 
 
 def test_reports_predicted_and_actual_differences_and_clipping(finished_run):
-    rows = common.read_metrics(finished_run)
-    assert [r["epoch"] for r in rows] == [0, 1]
-    for r in rows:
-        assert r["actual_diff"] > 0  # the better image first
-        assert 0 <= r["clipfrac"] <= 1 and r["loss"] > 0
+    """actual_diff is the mean |r_a - r_b| over each trained prompt's pairs (every step of the epoch covers every
+    prompt with a pair here: two prompts of three images, two a gradient step), computed here from the rewards."""
+    out, scored = finished_run
+    rows = bookkeeping.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1] and len(scored) == 2
+    for row, rewards in zip(rows, scored):
+        per_prompt = []
+        for group in rewards.view(-1, 3).tolist():
+            diffs = [abs(a - b) for i, a in enumerate(group) for b in group[i + 1:] if a != b]
+            if diffs:
+                per_prompt.append(sum(diffs) / len(diffs))
+        assert row["trained_prompts"] == len(per_prompt) > 0
+        assert row["actual_diff"] == pytest.approx(sum(per_prompt) / len(per_prompt), rel=1e-5)
     # the first gradient step of an epoch is at theta_old: nothing clipped; the second one has moved
     assert rows[1]["clipfrac"] > 0
-    assert (finished_run / "unet" / "config.json").is_file()
-    assert json.loads((finished_run / "config.json").read_text())["images_per_prompt"] == 3
+    assert (out / "unet" / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["images_per_prompt"] == 3
 
 
 def test_resume_continues_like_an_uninterrupted_run(finished_run, tiny_dir, prompt_file, tmp_path):
+    finished_run, _ = finished_run
     out = tmp_path / "run"
     prdp.main(tiny_args(tiny_dir, prompt_file, out, 1))
     prdp.main(["--resume", str(out), "--num-epochs", "2"])
-    for a, b in zip(common.read_metrics(out), common.read_metrics(finished_run), strict=True):
+    for a, b in zip(bookkeeping.read_metrics(out), bookkeeping.read_metrics(finished_run), strict=True):
         for key in ("reward_mean", "loss", "predicted_diff", "actual_diff", "clipfrac"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
     weights = "unet/diffusion_pytorch_model.safetensors"
@@ -51,30 +65,38 @@ def test_resume_continues_like_an_uninterrupted_run(finished_run, tiny_dir, prom
 def test_lora_run_and_bad_settings(tiny_dir, prompt_file, tmp_path):
     prdp.main(tiny_args(tiny_dir, prompt_file, tmp_path / "lora", 1, "--lora-rank", "4"))
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    with pytest.raises(common.UserError, match="whole prompts"):
+    with pytest.raises(common.UserError, match="whole groups of the 2 images"):
         prdp.main(tiny_args(tiny_dir, prompt_file, tmp_path / "bad", 1, "--images-per-prompt", "2"))
 
 
 def test_prompts_whose_images_all_tie_are_neither_referenced_nor_trained(tiny_dir, prompt_file, tmp_path,
-                                                                          horse_only_reward):
+                                                                          horse_only_reward, monkeypatch):
+    """Under a reward that ties every prompt but the horse, only the horse's images cost reference and training
+    calls. The test sees which prompts were drawn (two prompts of 3 images an epoch) and counts by hand, with T = 3:
+    the reference model once per step for each horse prompt (sampling batches of 3 images, one prompt); training in
+    batches of one prompt, up to 2 a gradient step, K = 2 steps: the first at theta_old (T calls a batch), the second
+    recomputing the log-probs without a graph first (2T calls a batch)."""
     import speed
-    # hand-computed: 3 images a prompt, sampling batches of 3 (one prompt), training batches of 1 prompt, up to 2 a
-    # step, K = 2, T = 3. One prompt with pairs: reference 1 call a step (3); training 1 batch x (2K - 1) passes x 3
-    # steps (9). Two: reference 2 calls a step (6); training 2 batches x 3 x 3 (18). None: no call.
+    drawn = []
+    sample_epoch = common.sample_epoch
+
+    def recording(*a, **k):
+        batch_prompts, samples = sample_epoch(*a, **k)
+        drawn.append(batch_prompts[0::3])
+        return batch_prompts, samples
+
+    monkeypatch.setattr(common, "sample_epoch", recording)
     small = ("--sample-batch-size", "3", "--sample-batches-per-epoch", "2")
-    args = common.parse_args(prdp.Args, tiny_args(tiny_dir, prompt_file, tmp_path / "x", 1, *small))
-    for trained, reference, train in ((0, 0, 0), (1, 3, 9), (2, 6, 18)):
-        calls = speed.minimum_calls("prdp", args, [{"trained_prompts": trained}])
-        assert (calls["reference"], calls["train"]) == (reference, train)
-    # a reward under which every prompt but the horse ties: only the horse's images cost reference and training calls
-    argv = tiny_args(tiny_dir, prompt_file, tmp_path / "run", 4, *small, "--reward", horse_only_reward)
     with speed.count_unet_calls() as counts:
-        prdp.main(argv)
-    rows = common.read_metrics(tmp_path / "run")
-    trained = [r["trained_prompts"] for r in rows]
-    assert max(trained) >= 1 and min(trained) <= 1, trained  # the horse was drawn, and some prompt was skipped
+        prdp.main(tiny_args(tiny_dir, prompt_file, tmp_path / "run", 4, *small, "--reward", horse_only_reward))
+    horses = [sum("horse" in p for p in prompts) for prompts in drawn]
+    assert len(horses) == 4 and max(horses) >= 1 and min(horses) <= 1, horses  # some epoch skipped a prompt
+    T = 3
+    assert counts == {"sample": 4 * 2 * T, "reference": sum(horses) * T,
+                      "train": sum(min(2, h) * T + min(2, h) * 2 * T for h in horses)}
+    rows = bookkeeping.read_metrics(tmp_path / "run")
+    assert [r["trained_prompts"] for r in rows] == horses
     assert all(r["pairs"] == 3 * r["trained_prompts"] for r in rows)  # 3 pairs of 3 images, none tied
-    assert counts == speed.minimum_calls("prdp", common.parse_args(prdp.Args, argv), rows)
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -104,3 +104,43 @@ def test_categorical_policy_reaches_the_closed_form_optimum(start):
         optimizer.step()
     optimum = torch.softmax(log_ref + rewards / beta, 0)
     torch.testing.assert_close(torch.softmax(logits, 0), optimum, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("at_theta_old", [True, False], ids=["first step (theta = theta_old)", "later step"])
+def test_step_by_step_backward_is_the_gradient_of_the_whole_trajectorys_loss(tiny_dir, at_theta_old):
+    """prdp.rdp_backward backpropagates the loss of whole trajectories one UNet call at a time; its gradient must be
+    the one loss.backward() gives through all T steps at once."""
+    from types import SimpleNamespace
+
+    import common
+    pipe, params, autocast = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4, reference=True)
+    policy = common.Policy(pipe, common.encode_prompts(pipe, [""]), 3, 5.0, 1.0, autocast)
+    args = SimpleNamespace(num_steps=3, images_per_prompt=3, beta=0.02, clip_eps=2e-4, sample_batch_size=6,
+                           sample_batches_per_epoch=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # theta_old: LoRA away from its no-op start, so that every parameter has a gradient
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    _, samples = common.sample_epoch(policy, args, ["a cat", "a dog"], g, images_per_prompt=3, progress=False)
+    ref_log_probs = common.reference_log_probs(policy, samples, 6)
+    rewards = torch.rand(6, generator=g)
+    if not at_theta_old:  # a later gradient step: theta has moved, and the clip acts on some steps
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    idx = torch.arange(6)
+
+    loss, info = prdp.rdp_backward(policy, samples, idx, ref_log_probs, rewards, args, lambda loss: 0.5 * loss,
+                                   at_theta_old)
+    step_by_step = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    log_probs = torch.stack([common.log_prob(policy, samples, idx, s) for s in range(3)], 1)  # T graphs at once
+    plain, _ = prdp.rdp_loss(log_probs - ref_log_probs, samples.log_probs - ref_log_probs, rewards,
+                             prdp.prompt_pairs(rewards, 3), args.beta, args.clip_eps)
+    (0.5 * plain).backward()
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-5, atol=1e-6)
+    assert (info["clipfrac"] > 0) == (not at_theta_old)
+    for a, b in zip(step_by_step, [p.grad for p in params]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert max(float(b.abs().max()) for b in step_by_step) > 1e-4

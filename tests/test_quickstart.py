@@ -6,7 +6,7 @@ import shlex
 import subprocess
 import sys
 
-import common
+import bookkeeping
 import shapes
 from conftest import ROOT
 
@@ -26,9 +26,9 @@ def test_readme_quickstart_runs_and_raises_the_objective(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: metrics in runs/quickstart/metrics.jsonl" in result.stdout
     run_dir = str(tmp_path / "runs" / "quickstart")
-    args = common.parse_args(__import__("ddpo").Args, ["--resume", run_dir])
-    prompts = common.load_prompts(args.prompt_file)
-    before, _ = shapes.measure(*shapes.load_trained(args), args, prompts)
-    after, _ = shapes.measure(*shapes.load_trained(args, run_dir), args, prompts)
+    args = bookkeeping.parse_args(__import__("ddpo").Args, ["--resume", run_dir])
+    prompts = bookkeeping.load_prompts(args.prompt_file)
+    before, _ = shapes.measure(shapes.load_trained(args), args, prompts)
+    after, _ = shapes.measure(shapes.load_trained(args, run_dir), args, prompts)
     print(f"shape area on held-apart noise: {before['area']:.1f}% -> {after['area']:.1f}%")
     assert after["area"] > before["area"] + 1.5  # the benchmark's 40-epoch runs gain far more

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+import bookkeeping
 import common
+import rewards
 from conftest import ROOT
+from tutorials import shapes_world
 
 sys.path.insert(0, os.path.join(ROOT, "tutorials"))
 import make_toy_model  # noqa: E402
@@ -17,60 +20,60 @@ def rendered(n, seed=0):
     rng = np.random.default_rng(seed)
     truth, images = [], []
     for _ in range(n):
-        attributes = make_toy_model.random_attributes(rng)
+        attributes = shapes_world.random_attributes(rng)
         truth.append(attributes)
-        images.append(make_toy_model.render(*attributes, rng))
+        images.append(shapes_world.render(*attributes, rng))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, truth
 
 
 def test_detector_reads_rendered_images_at_least_95_percent_right():
     images, truth = rendered(500)
-    detected = common.detect_shapes(images)
+    detected = shapes_world.detect_shapes(images)
     for i, key in enumerate(("colour", "shape", "size")):
         right = np.mean([max(d[key], key=d[key].get) == t[i] for d, t in zip(detected, truth)])
         assert right >= 0.95, (key, right)
-    prompts = [make_toy_model.caption(*t) for t in truth]
-    soft, hard, right = common.shape_scores(images, prompts)
+    prompts = [shapes_world.caption(*t) for t in truth]
+    soft, hard, right = shapes_world.shape_scores(images, prompts)
     assert hard.mean() >= 0.95 and soft.mean() >= 0.9
 
 
 def test_alignment_reward_is_dense_and_prompt_specific():
     images, truth = rendered(1, seed=3)
     colour, shape, size = truth[0]
-    other_colour = next(c for c in common.COLOURS if c != colour)
-    other_size = next(s for s in common.SIZES if s != size)
-    full = common.shapes_alignment(images, [make_toy_model.caption(colour, shape, size)])[0]
-    one_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, size)])[0]
-    two_wrong = common.shapes_alignment(images, [make_toy_model.caption(other_colour, shape, other_size)])[0]
+    other_colour = next(c for c in shapes_world.COLOURS if c != colour)
+    other_size = next(s for s in shapes_world.SIZES if s != size)
+    full = shapes_world.shapes_alignment(images, [shapes_world.caption(colour, shape, size)])[0]
+    one_wrong = shapes_world.shapes_alignment(images, [shapes_world.caption(other_colour, shape, size)])[0]
+    two_wrong = shapes_world.shapes_alignment(images, [shapes_world.caption(other_colour, shape, other_size)])[0]
     assert full > 0.9 and 0.5 < one_wrong < 0.75 and 0.2 < two_wrong < 0.45  # about 1, 2/3 and 1/3
     # only the attributes a prompt names are scored
-    assert common.shapes_alignment(images, [f"a {colour} shape"])[0] > 0.9
+    assert shapes_world.shapes_alignment(images, [f"a {colour} shape"])[0] > 0.9
 
 
 def test_blank_image_scores_zero():
-    blank = torch.tensor(common.BACKGROUND).view(1, 3, 1, 1).expand(1, 3, 32, 32)
-    assert common.shapes_alignment(blank, ["a small red circle"])[0] == 0
-    assert common.shape_area(blank, [""])[0] == 0
+    blank = torch.tensor(shapes_world.BACKGROUND).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    assert shapes_world.shapes_alignment(blank, ["a small red circle"])[0] == 0
+    assert shapes_world.shape_area(blank, [""])[0] == 0
 
 
 def test_prompts_that_name_nothing_are_refused():
     images, _ = rendered(1)
     with pytest.raises(common.UserError, match="prompts like 'a small red circle'"):
-        common.shapes_alignment(images, ["a photo of a dog"])
+        shapes_world.shapes_alignment(images, ["a photo of a dog"])
 
 
 def test_hand_checked_soft_scores():
     """A pure red 8 x 8 square: the detector's numbers, worked by hand from its rules."""
-    x = torch.tensor(common.BACKGROUND).view(3, 1, 1).repeat(1, 32, 32)
-    x[:, 10:18, 4:12] = torch.tensor(common.COLOURS["red"]).view(3, 1, 1)
-    d = common.detect_shapes(x[None])[0]
+    x = torch.tensor(shapes_world.BACKGROUND).view(3, 1, 1).repeat(1, 32, 32)
+    x[:, 10:18, 4:12] = torch.tensor(shapes_world.COLOURS["red"]).view(3, 1, 1)
+    d = shapes_world.detect_shapes(x[None])[0]
     assert d["mask_fraction"] == pytest.approx(64 / 1024) and d["fill"] == pytest.approx(1.0)
-    assert common.shape_area(x[None], [""])[0] == pytest.approx(64 / 1024)
+    assert shapes_world.shape_area(x[None], [""])[0] == pytest.approx(64 / 1024)
     # size: extent 8 px against the boundary at 0.39 x 32 = 12.48 px, sigmoid with scale 1 px
     assert d["size"]["large"] == pytest.approx(1 / (1 + np.exp(-(8 - 12.48))), rel=1e-5)
     assert d["size"]["small"] == pytest.approx(1 - d["size"]["large"], rel=1e-6)
     # the colour is exactly red: distance 0 to red, softmax of -distance / 0.1
-    palette = np.array(list(common.COLOURS.values()))
+    palette = np.array(list(shapes_world.COLOURS.values()))
     expected = np.exp(-np.linalg.norm(palette - palette[0], axis=1) / 0.1)
     assert d["colour"]["red"] == pytest.approx(expected[0] / expected.sum(), rel=1e-5)
 
@@ -79,22 +82,22 @@ def test_tokenizer_loses_no_word_of_the_world(tmp_path):
     """Every prompt encodes to real tokens that spell it back (no word silently becomes <|endoftext|>), and
     different prompts encode differently, and every word of the world is one token (a merge made for one
     word, like "r e" for "red", must not split another, like "green")."""
-    tokenizer = make_toy_model.write_tokenizer(str(tmp_path), make_toy_model.WORDS)
+    tokenizer = make_toy_model.write_tokenizer(str(tmp_path), shapes_world.WORDS)
     encodings = set()
-    for prompt in make_toy_model.all_prompts():
+    for prompt in shapes_world.all_prompts():
         ids = tokenizer(prompt).input_ids
         tokens = tokenizer.convert_ids_to_tokens(ids)
         assert tokenizer.eos_token_id not in ids[1:-1], prompt
         assert "".join(tokens[1:-1]).replace("</w>", " ").strip() == prompt
         encodings.add(tuple(ids))
     assert len(encodings) == 24
-    whole = [w for w in make_toy_model.WORDS if tokenizer.convert_ids_to_tokens(tokenizer(w).input_ids)[1:-1] == [w + "</w>"]]
-    assert whole == make_toy_model.WORDS
+    whole = [w for w in shapes_world.WORDS if tokenizer.convert_ids_to_tokens(tokenizer(w).input_ids)[1:-1] == [w + "</w>"]]
+    assert whole == shapes_world.WORDS
 
 
 def test_prompt_file_lists_every_combination():
-    prompts = common.load_prompts("tutorials/shapes.txt")
-    assert sorted(prompts) == sorted(make_toy_model.all_prompts()) and len(prompts) == 24
+    prompts = bookkeeping.load_prompts("tutorials/shapes.txt")
+    assert sorted(prompts) == sorted(shapes_world.all_prompts()) and len(prompts) == 24
 
 
 def test_training_script_smoke(tmp_path):
@@ -105,20 +108,23 @@ def test_training_script_smoke(tmp_path):
     pipe, params, _ = common.load_pipeline(str(out), "cpu", "no", lora_rank=4)
     assert pipe.resolution == 32 and pipe.vae_scale_factor == 2
     assert pipe.scheduler.config.set_alpha_to_one is False and pipe.scheduler.config.steps_offset == 1
-    images = common.evaluate(pipe, ["a small red circle"], 0, make_toy_model.SimpleNamespace(
-        num_steps=3, eta=1.0, guidance_scale=5.0))
+    policy = common.Policy(pipe, common.encode_prompts(pipe, [""]), num_steps=3, guidance_scale=5.0, eta=1.0)
+    images = common.evaluate(policy, ["a small red circle"], 0)
     assert images.shape == (1, 3, 32, 32)
+    from safetensors.torch import load_file  # saved in float32, so plain diffusers samples it as it is
+    assert {t.dtype for t in load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")).values()} == {
+        torch.float32}
 
 
 def test_correct_counts_the_named_attributes_drawn_right():
     images, truth = rendered(1, seed=3)
     colour, shape, size = truth[0]
-    other_colour = next(c for c in common.COLOURS if c != colour)
-    other_shape = next(s for s in common.SHAPES if s != shape)
-    other_size = next(s for s in common.SIZES if s != size)
-    prompts = [make_toy_model.caption(colour, shape, size), make_toy_model.caption(other_colour, shape, size),
-               make_toy_model.caption(other_colour, shape, other_size),
-               make_toy_model.caption(other_colour, other_shape, other_size)]
-    got = common.shapes_correct(images.repeat(4, 1, 1, 1), prompts)
+    other_colour = next(c for c in shapes_world.COLOURS if c != colour)
+    other_shape = next(s for s in shapes_world.SHAPES if s != shape)
+    other_size = next(s for s in shapes_world.SIZES if s != size)
+    prompts = [shapes_world.caption(colour, shape, size), shapes_world.caption(other_colour, shape, size),
+               shapes_world.caption(other_colour, shape, other_size),
+               shapes_world.caption(other_colour, other_shape, other_size)]
+    got = shapes_world.shapes_correct(images.repeat(4, 1, 1, 1), prompts)
     np.testing.assert_allclose(got, [1, 2 / 3, 1 / 3, 0], atol=1e-6)
-    assert common.get_reward_fn("shapes_correct") is common.shapes_correct
+    assert rewards.get_reward_fn("shapes_correct") is shapes_world.shapes_correct

@@ -8,8 +8,10 @@ The world: one shape (circle, square or triangle), small or large, in one of fou
   2. a CLIP text encoder from scratch, with a byte-pair tokenizer whose merges spell the world's words,
      together with a conditional UNet, by the usual noise-prediction loss (Stable Diffusion's noise schedule;
      10% empty captions so classifier-free guidance works);
-and saves a StableDiffusionPipeline directory (fp16 safetensors, DDIM scheduler configured like Stable
-Diffusion's), which every script loads with `--model toy`, by the same code that loads Stable Diffusion.
+and saves a StableDiffusionPipeline directory (float32 safetensors, DDIM scheduler configured like Stable
+Diffusion's), which every script loads with `--model toy`, by the same code that loads Stable Diffusion, and which
+plain diffusers loads and samples with `StableDiffusionPipeline.from_pretrained("toy_model")`. The world itself
+(colours, shapes, sizes, the renderer and the detector) is tutorials/shapes_world.py.
 
 The UNet is trained deliberately briefly: the model must follow its prompts only partly, so that
 fine-tuning has something to improve. It prints the prompt alignment it reaches every --eval-every steps.
@@ -19,53 +21,16 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-
-WORDS = ["a", *common.SIZES, *common.COLOURS, *common.SHAPES]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The data: rendered shapes and their captions
-# ---------------------------------------------------------------------------------------------------------
-
-def render(colour, shape, size, rng, resolution=32, supersample=4):
-    """One anti-aliased image (H, W, 3) uint8 of a shape of the given colour and size, at a random place."""
-    s = supersample
-    image = Image.new("RGB", (resolution * s, resolution * s), tuple(int(255 * c) for c in common.BACKGROUND))
-    draw = ImageDraw.Draw(image)
-    r = rng.uniform(*common.SIZES[size]) * resolution                # "radius": 3.8-5.1 or 7.4-9 px at 32 px
-    cx, cy = rng.uniform(r + 1, resolution - r - 1, size=2)
-    fill = tuple(int(255 * c) for c in common.COLOURS[colour])
-    cx, cy, r = cx * s, cy * s, r * s
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        h = 0.9 * r
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-    else:  # an upright triangle fills half its bounding box
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return np.asarray(image.resize((resolution, resolution), Image.BOX))
-
-
-def random_attributes(rng):
-    return (rng.choice(list(common.COLOURS)), rng.choice(list(common.SHAPES)), rng.choice(list(common.SIZES)))
-
-
-def caption(colour, shape, size):
-    return f"a {size} {colour} {shape}"
-
-
-def all_prompts():
-    return [caption(c, s, size) for size in common.SIZES for c in common.COLOURS for s in common.SHAPES]
+from tutorials.shapes_world import (WORDS, all_prompts, caption, detect_shapes, parse_shape_prompt,  # noqa: E402
+                                    random_attributes, render, shape_scores)
 
 
 def batch(rng, n, resolution=32, drop_size=0.1, drop_all=0.1):
@@ -189,11 +154,11 @@ def evaluate(pipe, images_per_prompt=4, seed=1234, num_steps=20):
     share of images right in each attribute)."""
     pipe.resolution = 32
     prompts = [p for p in all_prompts() for _ in range(images_per_prompt)]
-    settings = SimpleNamespace(num_steps=num_steps, eta=1.0, guidance_scale=5.0)
-    images = common.evaluate(pipe, prompts, seed, settings)
-    soft, hard, _ = common.shape_scores(images, prompts)
+    policy = common.Policy(pipe, common.encode_prompts(pipe, [""]), num_steps, guidance_scale=5.0, eta=1.0)
+    images = common.evaluate(policy, prompts, seed)
+    soft, hard, _ = shape_scores(images, prompts)
     right = {key: float(np.mean([d is not None and max(d[key], key=d[key].get) == named[key]
-                                 for d, named in zip(common.detect_shapes(images), map(common.parse_shape_prompt, prompts))]))
+                                 for d, named in zip(detect_shapes(images), map(parse_shape_prompt, prompts))]))
              for key in ("colour", "shape", "size")}
     return float(soft.mean()), float(hard.mean()), right
 
@@ -261,7 +226,7 @@ def main(argv=None):
         train_vae(vae, rng, opts.vae_steps, opts.batch_size, log)
         pipe = make_pipeline(vae, text_encoder, tokenizer, unet)
         train_unet(pipe, rng, opts.unet_steps, opts.batch_size, opts.lr, log, opts.eval_every, opts.snapshots)
-        pipe.to(torch.float16).save_pretrained(opts.output, safe_serialization=True)
+        pipe.save_pretrained(opts.output, safe_serialization=True)  # float32: plain diffusers samples it on the CPU
     log(f"saved {opts.output}")
 
 

@@ -1,0 +1,341 @@
+"""Run bookkeeping shared by ddpo.py, d3po.py and prdp.py, which a reader of the algorithms can skip: the command
+line, argument checks, prompt files, the output directory (config, metrics, image grids, curves), checkpoints and
+resuming, and the weights saved for diffusers. Every file is written atomically, so an interrupted run loses at
+most the epoch it was in.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from common import UserError
+
+PROJECT = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_main(main):
+    """Call `main()`, turning a UserError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_prompts(path):
+    """Prompts from a text file: one a line; blank lines and lines starting with '#' are skipped."""
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(PROJECT, path)):
+        path = os.path.join(PROJECT, path)  # the project's own prompt files work from any directory
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompt file {path!r} has no prompts (one a line; '#' starts a comment).")
+    return prompts
+
+
+# ---- The command line: a dataclass of arguments, each with its help text and the source of its default -------------
+
+def arg(default, help, choices=None, within=None):
+    """A dataclass field that becomes a command-line flag with this help text; `within` is the interval its value
+    must lie in, written as in mathematics: "(0, 1]", "[1, inf)"."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "within": within})
+
+
+def parse_args(args_class, argv=None, description=None, presets=None):
+    """Build --kebab-case flags from a dataclass, parse argv, and apply presets and --resume.
+
+    presets maps a --model value to defaults that replace the dataclass's for that model (flags given on the
+    command line still win). With --resume DIR the run's saved config.json is loaded, and only flags given
+    on this command line (for example a larger --num-epochs) override it; the run goes on writing into DIR.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    epilog = "\n".join(f"--model {name} changes these defaults: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in preset.items()) for name, preset in (presets or {}).items())
+    # allow_abbrev=False: presets and --resume must see which flags were given, by their full names
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags = {}
+    for f in dataclasses.fields(args_class):
+        flag = "--" + f.name.replace("_", "-")
+        flags[f.name] = flag
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=f.type if f.type in (int, float) else str, default=f.default,
+                                choices=f.metadata["choices"], help=help_text, metavar=None)
+    ns = vars(parser.parse_args(argv))
+    given = {name for name, flag in flags.items()  # a bool flag is also given as --no-<name>
+             if any(a in (flag, "--no-" + flag[2:]) or a.startswith(flag + "=") for a in argv)}
+    if not ns.get("resume") and ns["model"] in (presets or {}):
+        ns.update({k: v for k, v in presets[ns["model"]].items() if k not in given})
+    if ns.get("resume"):
+        config_path = os.path.join(ns["resume"], "config.json")
+        if not os.path.isfile(config_path):
+            raise UserError(f"--resume {ns['resume']!r}: no config.json there, so it is not a run directory.")
+        with open(config_path) as fh:
+            saved = json.load(fh)
+        ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
+        ns["output_dir"] = ns["resume"]
+    return args_class(**ns)
+
+
+def check_args(args, group=1):
+    """Checks shared by the three scripts, made before any model is loaded: every flag within its interval, and
+    the batch sizes consistent, in whole groups of `group` images that are compared (D3PO's pairs, PRDP's prompts)."""
+    if not 0 < args.eta <= 1:
+        raise UserError(f"--eta must be in (0, 1] (got {args.eta}): with eta = 0 DDIM is deterministic and "
+                        f"log-probs are undefined, and above 1 the step's variance exceeds what DDIM allows.")
+    for name in ("num_epochs", "num_steps", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
+                 "gradient_accumulation_steps", "resolution"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+    if args.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 (full fine-tuning) or more (got {args.lora_rank}).")
+    for f in dataclasses.fields(args):
+        within, value = f.metadata.get("within"), getattr(args, f.name)
+        if within:
+            low, high = (float(x) for x in within[1:-1].split(","))
+            if not ((low < value or within[0] == "[" and low == value) and
+                    (value < high or within[-1] == "]" and value == high)):
+                raise UserError(f"--{f.name.replace('_', '-')} must be in {within} (got {value}).")
+    if args.sample_batch_size % args.train_batch_size:
+        raise UserError(f"--train-batch-size {args.train_batch_size} must divide --sample-batch-size "
+                        f"{args.sample_batch_size}.")
+    if args.train_batch_size % group or args.sample_batch_size * args.sample_batches_per_epoch % group:
+        raise UserError(f"--train-batch-size {args.train_batch_size}, and the images of an epoch, must be whole groups "
+                        f"of the {group} images that are compared.")
+    train_batches = args.sample_batch_size * args.sample_batches_per_epoch // args.train_batch_size
+    if train_batches % args.gradient_accumulation_steps:
+        raise UserError(f"the {train_batches} training batches per epoch cannot be split into optimiser steps of "
+                        f"--gradient-accumulation-steps {args.gradient_accumulation_steps}.")
+    if args.resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8 (got {args.resolution}).")
+
+
+# ---- The output directory: config, metrics, image grids, curves --------------------------------------------------
+
+def atomic_write(path, write):
+    """Write a file through `write(tmp_path)` and rename it into place, so an interruption leaves the old one."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, value):
+    atomic_write(path, lambda p: open(p, "w").write(json.dumps(value, indent=1) + "\n"))
+
+
+def write_config(args):
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_json(os.path.join(args.output_dir, "config.json"), dataclasses.asdict(args))
+
+
+def epoch_metrics(epoch, rewards, info, sample_timer, train_timer, reward=""):
+    """One epoch's metrics: the reward's mean and std over the epoch's samples, before training on them (rewards:
+    (n,), or (n, k) for k comma-separated rewards, the first of which is the reward_mean, or None), the mean of
+    each quantity logged in `info` (NaN where nothing was trained), and the seconds of each phase."""
+    row = {"epoch": epoch}
+    if rewards is not None:
+        rewards = torch.as_tensor(rewards, dtype=torch.float64).cpu().reshape(len(rewards), -1)  # (B, k)
+        row.update(reward_mean=float(rewards[:, 0].mean()), reward_std=float(rewards[:, 0].std(correction=0)))
+        if rewards.shape[1] > 1:
+            row.update({f"{name}_mean": float(m) for name, m in zip(reward.split(","), rewards.mean(0))})
+    row.update({k: float(np.mean(v)) if v else float("nan") for k, v in info.items()})
+    row.update(sample_seconds=sample_timer.seconds, train_seconds=train_timer.seconds,
+               seconds=sample_timer.seconds + train_timer.seconds)
+    return row
+
+
+def log_info(info, **values):
+    """Append each value (a number or a one-element tensor) to the list of its name in `info`."""
+    for key, value in values.items():
+        info.setdefault(key, []).append(float(value.detach() if torch.is_tensor(value) else value))
+
+
+def append_metrics(output_dir, row):
+    """One JSON object per epoch in metrics.jsonl; also printed as one line."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def read_metrics(output_dir):
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def to_uint8(images):
+    """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8 numpy array."""
+    return (images.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images, captions, path, columns=8, scale=1):
+    """Save images (B, 3, H, W) in [0, 1] as one PNG grid, each with a short caption beneath (and each image
+    enlarged `scale` times, pixel for pixel, for small models)."""
+    arrays = to_uint8(images).repeat(scale, axis=1).repeat(scale, axis=2)
+    n, (h, w) = len(arrays), arrays.shape[1:3]
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    cell_w, text_h = max(w, 96), 12
+    grid = Image.new("RGB", (columns * cell_w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (arr, caption) in enumerate(zip(arrays, captions)):
+        x, y = (i % columns) * cell_w, (i // columns) * (h + text_h)
+        grid.paste(Image.fromarray(arr), (x + (cell_w - w) // 2, y))
+        draw.text((x + 2, y + h), caption[: cell_w // 6], fill="black")
+    atomic_write(path, lambda p: grid.save(p, format="PNG"))
+
+
+CURVE_SKIP = ("epoch", "reward_std", "sample_seconds", "train_seconds")
+
+
+def plot_curves(rows, columns=3):
+    """A matplotlib figure of each numeric metric of metrics.jsonl rows against the epoch, one panel each:
+    reward_mean first, with a band of +- reward_std; each panel's title gives the first and last value."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in rows[0] if k not in CURVE_SKIP and isinstance(rows[0][k], (int, float))]
+    keys.sort(key=lambda k: k != "reward_mean")
+    figure, axes = plt.subplots(math.ceil(len(keys) / columns), columns, squeeze=False,
+                                figsize=(3.2 * columns, 2.2 * math.ceil(len(keys) / columns)), layout="constrained")
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        epochs, values = [e for e, _ in points], [v for _, v in points]
+        if key == "reward_mean" and all("reward_std" in r for r in rows):
+            std = [r["reward_std"] for r in rows if math.isfinite(r[key])]
+            ax.fill_between(epochs, np.subtract(values, std), np.add(values, std), alpha=0.25, linewidth=0)
+        ax.plot(epochs, values, marker="." if len(points) < 30 else None)
+        ax.set_title(f"{key}: {values[0]:.3g} -> {values[-1]:.3g}" if values else key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    return figure
+
+
+def save_curves(rows, path):
+    import matplotlib.pyplot as plt
+    figure = plot_curves(rows)
+    atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=80))
+    plt.close(figure)
+
+
+# ---- Checkpoints, resuming, and the weights diffusers loads ----------------------------------------------------------
+
+def save_checkpoint(pipe, optimizer, scaler, epoch, extra, output_dir):
+    """Everything needed to continue after `epoch`, then the LoRA (or UNet) for diffusers; both atomically."""
+    model = {name: p.detach().cpu().clone() for name, p in pipe.unet.named_parameters() if p.requires_grad}
+    state = {"epoch": epoch, "model": model, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "extra": extra}
+    atomic_write(os.path.join(output_dir, "checkpoint.pt"), lambda p: torch.save(state, p))
+    save_weights(pipe, output_dir)
+
+
+def load_checkpoint(pipe, optimizer, scaler, output_dir):
+    """Restore a checkpoint written by save_checkpoint, on whatever device this run uses; returns (next_epoch, extra).
+
+    A run saved without fp16 gradient scaling (on the CPU, or in fp32 or bf16) and resumed with it (fp16 on CUDA)
+    starts the scaler afresh, as a new run would; the other way round the saved scale is not needed."""
+    path = os.path.join(output_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {output_dir!r}: no checkpoint.pt there (the run stopped before its first epoch "
+                        f"ended).")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(pipe.unet.named_parameters())
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    else:
+        print("resuming with fp16 gradient scaling, which the saved run did not use: the scaler starts afresh",
+              flush=True)
+    return state["epoch"] + 1, state["extra"]
+
+
+def save_weights(pipe, output_dir):
+    """Save what was trained where diffusers loads it: <output_dir>/lora for LoRA, <output_dir>/unet otherwise.
+
+    The new directory is written beside the old one and swapped in, so an interruption never leaves neither.
+    """
+    lora = any("lora" in n for n, p in pipe.unet.named_parameters() if p.requires_grad)
+    final = os.path.join(output_dir, "lora" if lora else "unet")
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lora:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+    else:
+        pipe.unet.save_pretrained(tmp, safe_serialization=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def epoch_generator(seed, epoch):
+    """A CPU generator seeded by (seed, epoch): every epoch's randomness is reproducible, so resuming at epoch
+    k gives the same run as not stopping."""
+    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + epoch)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def start_output(args, start_epoch):
+    """Create the output directory and config.json; on resume drop metrics of epochs that will be redone."""
+    if start_epoch == 0 and os.path.isfile(os.path.join(args.output_dir, "checkpoint.pt")):
+        raise UserError(f"{args.output_dir!r} already holds a run; continue it with --resume {args.output_dir} "
+                        f"or choose another --output-dir.")
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    write_config(args)
+    rows = [r for r in read_metrics(args.output_dir) if r["epoch"] < start_epoch]
+    atomic_write(os.path.join(args.output_dir, "metrics.jsonl"),
+                 lambda p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in rows)))
+    print(f"writing to {args.output_dir}", flush=True)
+
+
+def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, rewards, extra, grid_size=16):
+    """Image grid, a metrics line, the curves so far, then the checkpoint: an interruption at any point loses at
+    most this epoch."""
+    captions = list(prompts)
+    if rewards is not None:  # captioned with the (first) reward
+        first = torch.as_tensor(rewards).reshape(len(prompts), -1)[:, 0].tolist()
+        captions = [f"{r:.3g} {p}" for p, r in zip(prompts, first)]
+    save_grid(images[:grid_size], captions[:grid_size],
+              os.path.join(args.output_dir, "samples", f"epoch_{epoch:04d}.png"))
+    append_metrics(args.output_dir, metrics)
+    save_curves(read_metrics(args.output_dir), os.path.join(args.output_dir, "curves.png"))
+    save_checkpoint(pipe, optimizer, scaler, epoch, extra, args.output_dir)
+
+
+def finish(args):
+    print(f"done: metrics in {args.output_dir}/metrics.jsonl, image grids in {args.output_dir}/samples/, "
+          f"weights in {args.output_dir}/{'lora' if args.lora_rank > 0 else 'unet'}", flush=True)
+

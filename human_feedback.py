@@ -1,0 +1,142 @@
+"""D3PO's human-feedback files, defined once: writing a round of samples for people to score, the label format and
+its checks, and reading a scored round back. d3po.py uses it (--sample-only, --labels); so will a labelling page.
+
+A round directory holds config.json (the run's settings), trajectories.safetensors (every latent and log-prob, so
+training needs no resampling), sheets/NNNN.png (a contact sheet per prompt, images numbered #0, #1, ...),
+labels_template.json, and labels/<name>.json, one per person. Label format: LABEL_HELP.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import bookkeeping
+import common
+from common import UserError
+
+LABEL_HELP = ("a JSON list with one entry per prompt, in the order of the template: {\"prompt\": ..., "
+              "\"scores\": [one number per image, higher is better]}")
+# the settings that define a round's trajectories and its reference model; training on it must use them
+ROUND_SETTINGS = ("model", "start_from", "resolution", "num_steps", "eta", "guidance_scale", "images_per_prompt")
+ROUND_FILES = ("config.json", "prompts.txt", "trajectories.safetensors", "labels_template.json")
+
+
+def sample_round(policy, args, prompts):
+    """Every prompt of the file, images_per_prompt times from one x_T; writes the trajectories, a numbered
+    contact sheet per prompt and labels_template.json into args.output_dir."""
+    if os.path.isfile(os.path.join(args.output_dir, "trajectories.safetensors")):
+        raise UserError(f"{args.output_dir!r} already holds a sampled round; choose another --output-dir.")
+    os.makedirs(os.path.join(args.output_dir, "sheets"), exist_ok=True)
+    bookkeeping.write_config(args)
+    n = args.images_per_prompt
+    _, samples = common.sample_epoch(policy, args, prompts, bookkeeping.epoch_generator(args.seed, 0),
+                                     images_per_prompt=n, shared_noise=True, draw=False)
+    template = []
+    for p, prompt in enumerate(prompts):
+        sheet = os.path.join("sheets", f"{p:04d}.png")
+        bookkeeping.save_grid(samples.images[p * n:(p + 1) * n], [f"#{k}" for k in range(n)],
+                              os.path.join(args.output_dir, sheet), columns=n, scale=max(1, 128 // args.resolution))
+        template.append({"prompt": prompt, "sheet": sheet, "scores": [None] * n})
+    tensors = {"latents": samples.latents, "log_probs": samples.log_probs, "timesteps": samples.timesteps,
+               "images": samples.images}
+    bookkeeping.atomic_write(os.path.join(args.output_dir, "trajectories.safetensors"),
+                             lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p))
+    bookkeeping.write_json(os.path.join(args.output_dir, "labels_template.json"), template)
+    bookkeeping.atomic_write(os.path.join(args.output_dir, "prompts.txt"),
+                             lambda p: open(p, "w", encoding="utf-8").write("".join(f"{q}\n" for q in prompts)))
+    print(f"sampled {len(prompts)} prompts x {n} images into {args.output_dir}: look at sheets/, copy "
+          f"labels_template.json to labels/<your name>.json and fill in the scores (higher is better)", flush=True)
+
+
+def read_labels(round_dir, prompts, images_per_prompt):
+    """Mean score of every image over the label files in round_dir/labels/ (one per annotator): (P, K)."""
+    label_dir = os.path.join(round_dir, "labels")
+    files = sorted(f for f in os.listdir(label_dir) if f.endswith(".json")) if os.path.isdir(label_dir) else []
+    if not files:
+        raise UserError(f"--labels {round_dir!r}: no label files in {label_dir}/ (copy labels_template.json "
+                        f"there as <name>.json and fill in the scores).")
+    scores = []
+    for name in files:
+        where = os.path.join(label_dir, name)
+        try:
+            with open(where) as f:
+                entries = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not valid JSON (line {e.lineno}); it must be {LABEL_HELP}.")
+        if not isinstance(entries, list) or len(entries) != len(prompts):
+            n = len(entries) if isinstance(entries, list) else "no list of"
+            raise UserError(f"{where} has {n} prompts but the round has {len(prompts)}; it must be {LABEL_HELP}.")
+        for p, (entry, prompt) in enumerate(zip(entries, prompts)):
+            if not isinstance(entry, dict) or not isinstance(entry.get("scores"), list):
+                raise UserError(f"{where}, prompt {p}: the entry has no \"scores\" list; it must be {LABEL_HELP}.")
+            if entry.get("prompt", prompt) != prompt:
+                raise UserError(f"{where}, prompt {p}: {entry['prompt']!r} is not the round's {prompt!r}.")
+            if len(entry["scores"]) != images_per_prompt:
+                raise UserError(f"{where}, prompt {p} ({prompt!r}): {len(entry['scores'])} scores for "
+                                f"{images_per_prompt} images.")
+            for k, s in enumerate(entry["scores"]):
+                if isinstance(s, bool) or not isinstance(s, (int, float)) or not np.isfinite(s):
+                    raise UserError(f"{where}, prompt {p} ({prompt!r}), image #{k}: score {s!r} is not a number.")
+        scores.append([entry["scores"] for entry in entries])
+    return np.mean(np.array(scores, dtype=np.float64), axis=0)
+
+
+def round_config(round_dir):
+    path = os.path.join(round_dir, "config.json")
+    missing = [f for f in ROUND_FILES if not os.path.isfile(os.path.join(round_dir, f))]
+    if missing:
+        raise UserError(f"--labels {round_dir!r}: no {' or '.join(missing)} there, so it is not a round written by "
+                        f"--sample-only.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def adopt_round_settings(args):
+    """Training on a round uses the settings and prompts it was sampled with (ROUND_SETTINGS, its prompts.txt), and
+    says which flags it replaced."""
+    saved = round_config(args.labels)
+    args.prompt_file = os.path.join(args.labels, "prompts.txt")
+    changed = [f"--{n.replace('_', '-')} {saved[n]}" for n in ROUND_SETTINGS if getattr(args, n) != saved[n]]
+    if changed:
+        print(f"training on the round {args.labels} with its own settings: {', '.join(changed)}", flush=True)
+    for name in ROUND_SETTINGS:
+        setattr(args, name, saved[name])
+
+
+def numerics(device, mixed_precision):
+    """What a log-prob's exact value depends on beyond the model: the device type and the UNet's compute dtype."""
+    return torch.device(device).type, str(common.resolve_precision(mixed_precision, device))
+
+
+def load_round(policy, args):
+    """The labelled round: (prompts, Trajectories, mean score of each image (n, 1), every pair of a prompt's images
+    (m, 2), reference log-probs (n, T)).
+
+    The round was sampled by the model this run starts from, which is the reference, so its stored log-probs ARE
+    the reference log-probs when they are computed the same way; if this run's device type or mixed precision
+    differs from the round's, they are computed again here, on this run's numerics."""
+    with open(os.path.join(args.labels, "labels_template.json")) as f:
+        prompts = [entry["prompt"] for entry in json.load(f)]
+    scores = read_labels(args.labels, prompts, args.images_per_prompt)
+    stored = load_file(os.path.join(args.labels, "trajectories.safetensors"))
+    t = {k: v.to(policy.pipe.device) for k, v in stored.items()}
+    batch_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
+    embeds = torch.cat([common.encode_prompts(policy.pipe, batch_prompts[i:i + args.sample_batch_size])
+                        for i in range(0, len(batch_prompts), args.sample_batch_size)])
+    samples = common.Trajectories(t["images"], t["latents"], t["log_probs"], t["timesteps"], embeds)
+    policy.pipe.scheduler.set_timesteps(args.num_steps, device=policy.pipe.device)  # the DDIM step needs the grid
+    saved = round_config(args.labels)
+    sampled_with, now = numerics(saved["device"], saved["mixed_precision"]), numerics(args.device, args.mixed_precision)
+    ref_log_probs = samples.log_probs
+    if sampled_with != now:
+        print(f"the round was sampled with {sampled_with} (device, autocast dtype) and this run computes with {now}: "
+              f"computing the reference log-probs again", flush=True)
+        ref_log_probs = common.reference_log_probs(policy, samples, args.sample_batch_size)
+    n = args.images_per_prompt
+    i, j = torch.triu_indices(n, n, offset=1)
+    offsets = n * torch.arange(len(prompts))[:, None]                                  # prompt p's images: p n ...
+    pairs = torch.stack([offsets + i, offsets + j], -1).view(-1, 2)
+    print(f"round {args.labels}: {len(prompts)} prompts", flush=True)
+    return prompts, samples, torch.as_tensor(scores).view(-1, 1), pairs, ref_log_probs
