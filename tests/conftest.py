@@ -12,6 +12,10 @@ import torch  # noqa: E402
 from tiny_pipeline import make_tiny_pipeline  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes of training on the toy model; leave out with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random SD pipeline directory (epsilon prediction)."""

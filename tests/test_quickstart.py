@@ -6,9 +6,13 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 import bookkeeping
 import shapes
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def quickstart_command():
@@ -28,7 +32,7 @@ def test_readme_quickstart_runs_and_raises_the_objective(tmp_path):
     run_dir = str(tmp_path / "runs" / "quickstart")
     args = bookkeeping.parse_args(__import__("ddpo").Args, ["--resume", run_dir])
     prompts = bookkeeping.load_prompts(args.prompt_file)
-    before, _ = shapes.measure(shapes.load_trained(args), args, prompts)
-    after, _ = shapes.measure(shapes.load_trained(args, run_dir), args, prompts)
+    before, _ = shapes.measure(shapes.load_trained(args), args, prompts, images_per_prompt=8)
+    after, _ = shapes.measure(shapes.load_trained(args, run_dir), args, prompts, images_per_prompt=8)
     print(f"shape area on held-apart noise: {before['area']:.1f}% -> {after['area']:.1f}%")
-    assert after["area"] > before["area"] + 1.5  # the benchmark's 40-epoch runs gain far more
+    assert after["area"] > before["area"] + 1.5  # the benchmark's 40-epoch runs gain 11 to 16 points
