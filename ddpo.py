@@ -126,7 +126,7 @@ def main(argv=None):
     for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", initial=start_epoch, total=args.num_epochs):
         generator = bookkeeping.epoch_generator(args.seed, epoch)
         info = {key: [] for key in METRICS}  # the values logged in the epoch
-        # ---- 1. ALGO LOGIC: sample with the current policy, which is pi_old for this epoch, and score the images ----
+        # ---- 1. ALGO LOGIC: sample images with the current policy (this epoch's pi_old) and score them ----
         policy.pipe.unet.eval()
         with bookkeeping.Timer() as sample_timer:
             batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator)

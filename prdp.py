@@ -3,7 +3,7 @@
 Denoising is a decision process whose policy pi_theta(x_{t-1} | x_t, c) is one stochastic DDIM step (common.py).
 PRDP maximises E[r] - beta KL(pi_theta || pi_ref) by regression: the log-ratio of a trajectory to the frozen model,
 r_hat = log pi_theta / pi_ref (a log-ratio, not a reward), predicts the reward differences of a prompt's images,
-(r_hat(a) - r_hat(b) - (r(a) - r(b)) / beta)^2 (Eqs. 10-14), each step within eps of theta_old's (Eqs. 16-21).
+(r_hat(a) - r_hat(b) - (r(a) - r(b)) / beta)^2 (Eq. 10-14), each step within eps of theta_old's (Eq. 16-21).
 Lines that are the algorithm's own are marked ALGO LOGIC; `diff ddpo.py d3po.py` and `diff ddpo.py prdp.py` show
 them.
 """
@@ -82,13 +82,13 @@ METRICS = ("loss", "predicted_diff", "actual_diff", "clipfrac", "pairs", "traine
 # ALGO LOGIC: the PRDP loss over pairs, from per-step log-ratios
 def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
     """log_ratio (n, T) log pi_theta / pi_ref of n images' steps, old_log_ratio (n, T) at theta_old, rewards (n,)."""
-    r_hat = log_ratio.mean(1)               # PRDP Eqs. 10-14: trajectory log-ratio, the mean over steps (appendix code)
-    r_hat_clip = (old_log_ratio + (log_ratio - old_log_ratio).clamp(-clip_eps, clip_eps)).mean(1)  # PRDP Eqs. 16-21
+    r_hat = log_ratio.mean(1)               # PRDP Eq. 10-14: trajectory log-ratio, the mean over steps (appendix code)
+    r_hat_clip = (old_log_ratio + (log_ratio - old_log_ratio).clamp(-clip_eps, clip_eps)).mean(1)  # PRDP Eq. 16-21
     a, b, rewards = *pairs.unbind(1), rewards.to(log_ratio.device)
-    target = (rewards[a] - rewards[b]) / beta                                           # PRDP Eqs. 10-14
-    loss_unclipped = (r_hat[a] - r_hat[b] - target) ** 2                                # PRDP Eqs. 10-14
-    loss_clipped = (r_hat_clip[a] - r_hat_clip[b] - target) ** 2                        # PRDP Eqs. 16-21
-    loss = torch.maximum(loss_unclipped, loss_clipped).mean()                           # PRDP Eqs. 16-21, pessimistic
+    target = (rewards[a] - rewards[b]) / beta                                           # PRDP Eq. 10-14
+    loss_unclipped = (r_hat[a] - r_hat[b] - target) ** 2                                # PRDP Eq. 10-14
+    loss_clipped = (r_hat_clip[a] - r_hat_clip[b] - target) ** 2                        # PRDP Eq. 16-21
+    loss = torch.maximum(loss_unclipped, loss_clipped).mean()                           # PRDP Eq. 16-21, pessimistic
     info = {"predicted_diff": (beta * target.sign() * (r_hat[a] - r_hat[b])).mean().detach(),  # the better one first
             "actual_diff": (rewards[a] - rewards[b]).abs().mean(),
             "clipfrac": ((log_ratio - old_log_ratio).abs() > clip_eps).float().mean()}
@@ -132,7 +132,7 @@ def main(argv=None):
     for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", initial=start_epoch, total=args.num_epochs):
         generator = bookkeeping.epoch_generator(args.seed, epoch)
         info = {key: [] for key in METRICS}  # the values logged in the epoch
-        # ---- 1. ALGO LOGIC: sample with the current policy, which is pi_old for this epoch, and score the images ----
+        # ---- 1. ALGO LOGIC: sample images with the current policy (this epoch's pi_old) and score them ----
         policy.pipe.unet.eval()
         with bookkeeping.Timer() as sample_timer:
             batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, args.images_per_prompt,

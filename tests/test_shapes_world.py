@@ -91,7 +91,8 @@ def test_tokenizer_loses_no_word_of_the_world(tmp_path):
         assert "".join(tokens[1:-1]).replace("</w>", " ").strip() == prompt
         encodings.add(tuple(ids))
     assert len(encodings) == 24
-    whole = [w for w in shapes_world.WORDS if tokenizer.convert_ids_to_tokens(tokenizer(w).input_ids)[1:-1] == [w + "</w>"]]
+    whole = [w for w in shapes_world.WORDS
+             if tokenizer.convert_ids_to_tokens(tokenizer(w).input_ids)[1:-1] == [w + "</w>"]]
     assert whole == shapes_world.WORDS
 
 

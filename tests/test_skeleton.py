@@ -186,7 +186,7 @@ def test_every_loss_line_cites_its_source():
                       if re.match(r"\s{4,}(loss|pg_loss\d|logits|target|r_hat\w*|loss_\w+) = ", line)]
         assert loss_lines, name
         for line in loss_lines:
-            assert re.search(r"Eq\.|Eqs\.|Sec\.|reference code|PAPERS\.md", line), f"{name}.py: {line.strip()}"
+            assert re.search(r"Eq\.|Sec\.|reference code", line), f"{name}.py: {line.strip()}"  # the README's grep
 
 
 def small_args(name, tiny_dir, prompt_file, out, reward):
