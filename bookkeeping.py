@@ -126,10 +126,16 @@ def check_args(args, group=1):
 # ---- The output directory: config, metrics, image grids, curves --------------------------------------------------
 
 def atomic_write(path, write):
-    """Write a file through `write(tmp_path)` and rename it into place, so an interruption leaves the old one."""
+    """Write a file through `write(tmp_path)` and rename it into place, so an interruption leaves the old one (and a
+    failed write, a full disk for example, leaves no half-written .tmp beside it)."""
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path, value):

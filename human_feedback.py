@@ -97,6 +97,9 @@ def adopt_round_settings(args):
     """Training on a round uses the settings and prompts it was sampled with (ROUND_SETTINGS, its prompts.txt), and
     says which flags it replaced."""
     saved = round_config(args.labels)
+    if os.path.realpath(args.output_dir) == os.path.realpath(args.labels):
+        raise UserError(f"--output-dir {args.output_dir!r} is the round itself; the training run needs a directory of "
+                        f"its own, so that the round's files stay as they are.")
     args.prompt_file = os.path.join(args.labels, "prompts.txt")
     changed = [f"--{n.replace('_', '-')} {saved[n]}" for n in ROUND_SETTINGS if getattr(args, n) != saved[n]]
     if changed:

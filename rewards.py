@@ -65,11 +65,22 @@ def get_reward_fn(name):
 
 
 def compute_rewards(reward_fn, images, prompts):
-    """Call a reward function and check that it gave one number per image: a float32 tensor (B,) on the CPU."""
+    """Call a reward function and check that it gave one finite number per image: a float32 tensor (B,) on the CPU.
+
+    A NaN, an infinity or a None would make every trained weight NaN (DDPO, PRDP) or silently tie (D3PO), so the
+    run stops here, before any update of the epoch: the last checkpoint stays as it was."""
+    name = getattr(reward_fn, "__name__", repr(reward_fn))
     rewards = reward_fn(images, prompts)
-    rewards = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards,
-                                         dtype=np.float32))
+    try:
+        rewards = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards,
+                                             dtype=np.float32))
+    except (TypeError, ValueError):
+        raise UserError(f"the reward {name} returned something that is not numbers; it must be one number an image.")
     if rewards.shape != (len(prompts),):
-        raise UserError(f"the reward returned shape {tuple(rewards.shape)} for {len(prompts)} images; it must be one "
-                        f"number each.")
+        raise UserError(f"the reward {name} returned shape {tuple(rewards.shape)} for {len(prompts)} images; it must "
+                        f"be one number each.")
+    bad = int((~torch.isfinite(rewards)).sum())
+    if bad:
+        raise UserError(f"the reward {name} returned {bad} non-finite values (NaN or infinite) for {len(prompts)} "
+                        f"images; the run stops before training on them, and its last checkpoint is kept.")
     return rewards

@@ -229,3 +229,17 @@ def test_a_round_trained_with_other_numerics_gets_its_reference_log_probs_comput
             expected = common.reference_log_probs(policy, samples, args.sample_batch_size)  # this run's numerics
         torch.testing.assert_close(ref_log_probs, expected, rtol=0, atol=1e-6)
         assert torch.equal(ref_log_probs, samples.log_probs) != recomputed
+
+
+def test_training_into_the_round_itself_is_refused_and_the_round_is_left_as_it_was(first_round, tiny_dir, prompt_file,
+                                                                                    tmp_path):
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in human_feedback.ROUND_FILES:
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    label(r, "frank.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
+    before = {f: (r / f).read_bytes() for f in human_feedback.ROUND_FILES}
+    with pytest.raises(common.UserError, match="is the round itself"):
+        d3po.main(round_args(tiny_dir, prompt_file, r, "--labels", str(r)))
+    assert {f: (r / f).read_bytes() for f in human_feedback.ROUND_FILES} == before
+    assert not (r / "checkpoint.pt").exists()

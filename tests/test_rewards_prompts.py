@@ -87,3 +87,30 @@ def test_curves_plot_each_metric_in_its_own_panel_with_the_reward_band(tmp_path)
     assert not panels[1].collections  # no band around anything else
     bookkeeping.save_curves(rows, str(tmp_path / "c.png"))
     assert Image.open(tmp_path / "c.png").size[0] > 400
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), None])
+def test_a_non_finite_reward_is_refused_with_its_count(value):
+    images = torch.zeros(3, 3, 4, 4)
+
+    def flaky(images, prompts):
+        return [0.5, value, 0.25]
+
+    with pytest.raises(rewards.UserError, match="the reward flaky returned 1 non-finite values .* for 3 images"):
+        rewards.compute_rewards(flaky, images, ["a", "b", "c"])
+    with pytest.raises(rewards.UserError, match="not numbers"):
+        rewards.compute_rewards(lambda images, prompts: ["good", "bad", "ugly"], images, ["a", "b", "c"])
+
+
+def test_a_failed_write_leaves_neither_a_half_file_nor_the_old_one_changed(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("the previous epoch")
+
+    def full_disk(p):
+        with open(p, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        bookkeeping.atomic_write(str(path), full_disk)
+    assert path.read_text() == "the previous epoch" and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]

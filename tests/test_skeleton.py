@@ -231,3 +231,26 @@ def test_same_outputs_and_the_fewest_unet_calls(name, tiny_dir, prompt_file, tmp
     if name != "ddpo":
         assert [r["pairs"] for r in rows] == [4, 4]  # no ties, as the expected counts assume
     assert counts == EXPECTED_CALLS[name]  # and no call outside the three phases
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_nan_reward_in_a_later_epoch_stops_the_run_and_keeps_the_last_checkpoint(name, tiny_dir, prompt_file,
+                                                                                   tmp_path, monkeypatch, capsys):
+    import torch
+    module = f"nan_later_{name}"  # a module of its own for each script: its call count starts at zero
+    (tmp_path / f"{module}.py").write_text(
+        "calls = []\n"
+        "def reward(images, prompts):\n"
+        "    calls.append(1)\n"
+        "    return [float('nan') if len(calls) > 1 and i == 0 else float(im.mean()) for i, im in enumerate(images)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    argv = small_args(name, tiny_dir, prompt_file, out, f"{module}:reward")
+    argv[argv.index("--num-epochs") + 1] = "3"
+    with pytest.raises(SystemExit) as status:
+        bookkeeping.run_main(lambda: MODULES[name].main(argv))
+    assert status.value.code == 2
+    assert "returned 1 non-finite values" in capsys.readouterr().err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [r["epoch"] for r in bookkeeping.read_metrics(out)] == [0]
