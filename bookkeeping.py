@@ -22,22 +22,32 @@ PROJECT = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_main(main):
-    """Call `main()`, turning a UserError into one line on stderr and exit status 2."""
+    """Call `main()`, turning a UserError into one line on stderr and exit status 2, and Ctrl-C into one line that
+    says how to go on (exit status 130)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the run keeps every epoch it finished; continue it with --resume <its --output-dir>",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def load_prompts(path):
     """Prompts from a text file: one a line; blank lines and lines starting with '#' are skipped."""
     if not os.path.isfile(path) and os.path.isfile(os.path.join(PROJECT, path)):
         path = os.path.join(PROJECT, path)  # the project's own prompt files work from any directory
+    if os.path.isdir(path):
+        raise UserError(f"prompt file {path!r} is a directory; give a text file with one prompt a line.")
     if not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {path!r} is not UTF-8 text; give a text file with one prompt a line.")
     if not prompts:
         raise UserError(f"prompt file {path!r} has no prompts (one a line; '#' starts a comment).")
     return prompts
@@ -83,11 +93,20 @@ def parse_args(args_class, argv=None, description=None, presets=None):
         config_path = os.path.join(ns["resume"], "config.json")
         if not os.path.isfile(config_path):
             raise UserError(f"--resume {ns['resume']!r}: no config.json there, so it is not a run directory.")
-        with open(config_path) as fh:
-            saved = json.load(fh)
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                saved = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"--resume {ns['resume']!r}: its config.json is not readable JSON (cut short?).")
         ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
         ns["output_dir"] = ns["resume"]
     return args_class(**ns)
+
+
+# the intervals of shared flags (an algorithm's own flags give theirs in Args): a learning rate or clip of 0 would
+# freeze the model without a word; Stable Diffusion's schedulers have 1000 training timesteps to step through
+SHARED_WITHIN = {"learning_rate": "(0, inf)", "max_grad_norm": "(0, inf)", "weight_decay": "[0, inf)",
+                 "num_steps": "[1, 1000]", "seed": "[0, 9e12]"}
 
 
 def check_args(args, group=1):
@@ -103,7 +122,7 @@ def check_args(args, group=1):
     if args.lora_rank < 0:
         raise UserError(f"--lora-rank must be 0 (full fine-tuning) or more (got {args.lora_rank}).")
     for f in dataclasses.fields(args):
-        within, value = f.metadata.get("within"), getattr(args, f.name)
+        within, value = f.metadata.get("within") or SHARED_WITHIN.get(f.name), getattr(args, f.name)
         if within:
             low, high = (float(x) for x in within[1:-1].split(","))
             if not ((low < value or within[0] == "[" and low == value) and
@@ -121,6 +140,18 @@ def check_args(args, group=1):
                         f"--gradient-accumulation-steps {args.gradient_accumulation_steps}.")
     if args.resolution % 8:
         raise UserError(f"--resolution must be a multiple of 8 (got {args.resolution}).")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...).")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA GPU that torch can use; try --device cpu.")
+    if not args.output_dir:
+        raise UserError("--output-dir is empty; give the directory the run writes to.")
+    try:  # before any model is loaded: a file in the way, or a place that cannot be written, is found now
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {args.output_dir!r} cannot be created ({e.strerror}).")
 
 
 # ---- The output directory: config, metrics, image grids, curves --------------------------------------------------
@@ -136,6 +167,13 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def umask():
+    """The process's file-creation mask (read by setting it, then restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path, value):
@@ -262,7 +300,10 @@ def load_checkpoint(pipe, optimizer, scaler, output_dir):
     if not os.path.isfile(path):
         raise UserError(f"--resume {output_dir!r}: no checkpoint.pt there (the run stopped before its first epoch "
                         f"ended).")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or empty file raises EOFError, RuntimeError or an unpickling error
+        raise UserError(f"--resume {output_dir!r}: checkpoint.pt cannot be read ({type(e).__name__}; cut short?).")
     params = dict(pipe.unet.named_parameters())
     with torch.no_grad():
         for name, value in state["model"].items():

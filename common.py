@@ -1,9 +1,8 @@
 """The policy of ddpo.py, d3po.py and prdp.py. Denoising is a decision process: state (c, t, x_t), action x_{t-1},
 policy pi_theta(x_{t-1} | x_t, c) one guided stochastic DDIM step, a Gaussian (`ddim_step_with_logprob`). Here:
 sampling trajectories, their log-probs with gradients (`log_prob`) and the reference model's (`reference_log_probs`),
-loading Stable Diffusion with LoRA, the optimiser step. Run bookkeeping is in bookkeeping.py, rewards in rewards.py.
-Notation (../shared/PAPERS.md): abar_t is DDPM's cumulative alpha (diffusers' `alphas_cumprod`, the DDIM paper's
-alpha_t), sigma_t the DDIM step's standard deviation, eta its stochasticity.
+loading Stable Diffusion with LoRA, the optimiser step. Notation (../shared/PAPERS.md): abar_t is DDPM's cumulative
+alpha (diffusers' `alphas_cumprod`, the DDIM paper's alpha_t), sigma_t the step's standard deviation, eta its noise.
 """
 import copy
 import math
@@ -29,16 +28,14 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     Returns prev_sample (B, C, H, W) and log_prob (B,), the Gaussian log-density AVERAGED over latent elements
     (reference code; times C*H*W for the sum), both float32 whatever model_output's dtype. A given prev_sample is
     scored as it is (training re-scores stored steps); `timestep` is a scalar or (B,). A step with sigma_t = 0 (the
-    last of a scheduler with set_alpha_to_one=True) is deterministic, x_{t-1} = mean: no decision of the policy,
-    so its log-prob is 0 for every theta and it trains nothing.
+    last with set_alpha_to_one=True) is deterministic, x_{t-1} = mean: no decision, so log-prob 0, no training.
     """
     if not eta > 0:
         raise UserError(f"eta must be > 0 (got {eta}): with eta = 0 DDIM is deterministic and log-probs are undefined.")
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
     if scheduler.config.get("thresholding", False):
-        raise UserError("the model's scheduler uses dynamic thresholding, which this project does not support "
-                        "(clip_sample is); load the model with another scheduler configuration.")
+        raise UserError("the model's scheduler uses dynamic thresholding, which this project does not support.")
     B, device = sample.shape[0], sample.device
     sample, model_output = sample.float(), model_output.float()
 
@@ -93,8 +90,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
 
 @dataclass
 class Policy:
-    """pi_theta(x_{t-1} | x_t, c): the pipeline's UNet, guided with scale w against the empty prompt, in a DDIM
-    step of `num_steps` with stochasticity eta; autocast is the context of the UNet's forward passes."""
+    """pi_theta(x_{t-1} | x_t, c): the UNet guided against the empty prompt, in a stochastic DDIM step of num_steps."""
     pipe: object
     negative_embeds: torch.Tensor  # (1, L, D) the empty prompt's embedding
     num_steps: int
@@ -295,14 +291,18 @@ def load_policy(args, reference=False):
 def load_start_weights(pipe, run_dir):
     """Replace the pipeline's UNet weights by those a run saved in run_dir (lora/ is fused into the UNet)."""
     from diffusers import UNet2DConditionModel
-    if os.path.isdir(os.path.join(run_dir, "lora")):
-        pipe.load_lora_weights(os.path.join(run_dir, "lora"))
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    elif os.path.isdir(os.path.join(run_dir, "unet")):
-        pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(run_dir, "unet"))
-    else:
+    lora, unet = os.path.join(run_dir, "lora"), os.path.join(run_dir, "unet")
+    if not os.path.isdir(lora) and not os.path.isdir(unet):
         raise UserError(f"--start-from {run_dir!r}: no lora/ or unet/ there, so it is not a finished run.")
+    try:
+        if os.path.isdir(lora):
+            pipe.load_lora_weights(lora)
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        else:
+            pipe.unet = UNet2DConditionModel.from_pretrained(unet)
+    except Exception as e:  # a truncated weights file, or weights of another model
+        raise UserError(f"--start-from {run_dir!r}: its weights cannot be loaded ({str(e).splitlines()[0]}).")
 
 
 @contextmanager

@@ -41,8 +41,9 @@ def sample_round(policy, args, prompts):
         template.append({"prompt": prompt, "sheet": sheet, "scores": [None] * n})
     tensors = {"latents": samples.latents, "log_probs": samples.log_probs, "timesteps": samples.timesteps,
                "images": samples.images}
-    bookkeeping.atomic_write(os.path.join(args.output_dir, "trajectories.safetensors"),
-                             lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p))
+    bookkeeping.atomic_write(os.path.join(args.output_dir, "trajectories.safetensors"),  # readable like the rest
+                             lambda p: (save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p),
+                                        os.chmod(p, 0o666 & ~bookkeeping.umask())))
     bookkeeping.write_json(os.path.join(args.output_dir, "labels_template.json"), template)
     bookkeeping.atomic_write(os.path.join(args.output_dir, "prompts.txt"),
                              lambda p: open(p, "w", encoding="utf-8").write("".join(f"{q}\n" for q in prompts)))
@@ -53,7 +54,8 @@ def sample_round(policy, args, prompts):
 def read_labels(round_dir, prompts, images_per_prompt):
     """Mean score of every image over the label files in round_dir/labels/ (one per annotator): (P, K)."""
     label_dir = os.path.join(round_dir, "labels")
-    files = sorted(f for f in os.listdir(label_dir) if f.endswith(".json")) if os.path.isdir(label_dir) else []
+    names = sorted(os.listdir(label_dir)) if os.path.isdir(label_dir) else []
+    files = [f for f in names if f.endswith(".json") and os.path.isfile(os.path.join(label_dir, f))]
     if not files:
         raise UserError(f"--labels {round_dir!r}: no label files in {label_dir}/ (copy labels_template.json "
                         f"there as <name>.json and fill in the scores).")
@@ -61,10 +63,12 @@ def read_labels(round_dir, prompts, images_per_prompt):
     for name in files:
         where = os.path.join(label_dir, name)
         try:
-            with open(where) as f:
+            with open(where, encoding="utf-8") as f:
                 entries = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{where} is not valid JSON (line {e.lineno}); it must be {LABEL_HELP}.")
+        except UnicodeDecodeError:
+            raise UserError(f"{where} is not UTF-8 text; it must be {LABEL_HELP}.")
         if not isinstance(entries, list) or len(entries) != len(prompts):
             n = len(entries) if isinstance(entries, list) else "no list of"
             raise UserError(f"{where} has {n} prompts but the round has {len(prompts)}; it must be {LABEL_HELP}.")
@@ -89,8 +93,11 @@ def round_config(round_dir):
     if missing:
         raise UserError(f"--labels {round_dir!r}: no {' or '.join(missing)} there, so it is not a round written by "
                         f"--sample-only.")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"--labels {round_dir!r}: its config.json is not readable JSON (cut short?).")
 
 
 def adopt_round_settings(args):
@@ -120,10 +127,14 @@ def load_round(policy, args):
     The round was sampled by the model this run starts from, which is the reference, so its stored log-probs ARE
     the reference log-probs when they are computed the same way; if this run's device type or mixed precision
     differs from the round's, they are computed again here, on this run's numerics."""
-    with open(os.path.join(args.labels, "labels_template.json")) as f:
-        prompts = [entry["prompt"] for entry in json.load(f)]
+    try:
+        with open(os.path.join(args.labels, "labels_template.json"), encoding="utf-8") as f:
+            prompts = [entry["prompt"] for entry in json.load(f)]
+        stored = load_file(os.path.join(args.labels, "trajectories.safetensors"))
+    except Exception as e:  # a file cut short or edited by hand
+        raise UserError(f"--labels {args.labels!r}: its labels_template.json or trajectories.safetensors cannot be "
+                        f"read ({type(e).__name__}); sample the round again.")
     scores = read_labels(args.labels, prompts, args.images_per_prompt)
-    stored = load_file(os.path.join(args.labels, "trajectories.safetensors"))
     t = {k: v.to(policy.pipe.device) for k, v in stored.items()}
     batch_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     embeds = torch.cat([common.encode_prompts(policy.pipe, batch_prompts[i:i + args.sample_batch_size])

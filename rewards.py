@@ -5,6 +5,8 @@ returning B numbers (higher is better). Give one by name (REWARDS below) or your
 """
 import importlib
 import io
+import os
+import sys
 
 import numpy as np
 import torch
@@ -55,10 +57,13 @@ def get_reward_fn(name):
         raise UserError(f"unknown reward {name!r}; known rewards are {', '.join(sorted(REWARDS))}, "
                         f"or give your own as module:function.")
     module_name, fn_name = fn.split(":", 1)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # a module of your own in the current directory is found, as python -m would
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"could not import reward {name!r}: {e}.")
+    except (ImportError, AttributeError, ValueError, SyntaxError) as e:
+        raise UserError(f"could not import reward {name!r}: {e} (module:function; the module must be in the current "
+                        f"directory or on PYTHONPATH).")
     if not callable(fn):
         raise UserError(f"reward {name!r} is not a function.")
     return fn

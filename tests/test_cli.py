@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bookkeeping
 import d3po
@@ -22,12 +23,36 @@ def run(script, *args, cwd=ROOT):
                           env=env, cwd=cwd, timeout=300)
 
 
-def bad_inputs(tiny_dir, prompt_file, tmp_path):
+def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
+    (tmp_path / "a_file").write_text("in the way")
+    (tmp_path / "broken_reward.py").write_text("def reward(images, prompts:\n")
     base = ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(tmp_path / "out"),
             "--resolution", "32", "--num-steps", "2", "--device", "cpu"]
+    cut_short = {}
+    for name, damage in (("checkpoint", "checkpoint.pt"), ("config", "config.json")):
+        run = tmp_path / f"cut-{name}"
+        bookkeeping.write_config(bookkeeping.parse_args(module.Args, base + ["--output-dir", str(run)]))
+        (run / damage).write_bytes((run / damage).read_bytes()[:20] if damage == "config.json" else b"PK\x03")
+        cut_short[name] = str(run)
     return {
+        "binary prompt file": (base + ["--prompt-file", str(tmp_path / "binary.txt")], "is not UTF-8 text"),
+        "prompt file that is a directory": (base + ["--prompt-file", str(tmp_path)], "is a directory"),
+        "output dir behind a file": (base + ["--output-dir", str(tmp_path / "a_file" / "run")], "cannot be created"),
+        "empty output dir": (base + ["--output-dir", ""], "--output-dir is empty"),
+        "device nonsense": (base + ["--device", "toaster"], "is not a torch device"),
+        "more steps than the scheduler has": (base + ["--num-steps", "1001"], "--num-steps must be in [1, 1000]"),
+        "negative learning rate": (base + ["--learning-rate=-1e-4"], "--learning-rate must be in (0, inf)"),
+        "NaN learning rate": (base + ["--learning-rate", "nan"], "--learning-rate must be in (0, inf)"),
+        "negative seed": (base + ["--seed=-1"], "--seed must be in [0, 9e12]"),
+        "gradient clip 0": (base + ["--max-grad-norm", "0"], "--max-grad-norm must be in (0, inf)"),
+        "reward module with a syntax error": (base + ["--reward", "broken_reward:reward"], "could not import reward"),
+        "reward without a module": (base + ["--reward", ":reward"], "could not import reward"),
+        "resume from a cut-short checkpoint": (["--resume", cut_short["checkpoint"]], "checkpoint.pt cannot be read"),
+        "resume from a cut-short config": (["--resume", cut_short["config"]], "config.json is not readable JSON"),
+        **({} if torch.cuda.is_available() else {"cuda without a GPU": (base + ["--device", "cuda"], "no CUDA GPU")}),
         "missing prompt file": (base + ["--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
         "empty prompt file": (base + ["--prompt-file", str(empty)], "has no prompts"),
         "unknown reward": (base + ["--reward", "beauty"], "unknown reward 'beauty'; known rewards are"),
@@ -45,13 +70,15 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path):
 def test_bad_input_is_one_sentence_without_traceback(script, module, tiny_dir, prompt_file, tmp_path, capsys):
     """Each case through the scripts' own entry point, bookkeeping.run_main, in this process; and one of them as a
     command, to see what a user sees."""
-    for case, (args, message) in bad_inputs(tiny_dir, prompt_file, tmp_path).items():
+    sys.path.insert(0, str(tmp_path))  # where the broken reward module is
+    for case, (args, message) in bad_inputs(tiny_dir, prompt_file, tmp_path, module).items():
         with pytest.raises(SystemExit) as exit_status:
             bookkeeping.run_main(lambda: module.main(args))
         assert exit_status.value.code == 2, case
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, (case, last)
         assert not os.path.exists(tmp_path / "out" / "checkpoint.pt"), case  # stopped before any work
+    sys.path.remove(str(tmp_path))
     args, message = bad_inputs(tiny_dir, prompt_file, tmp_path)["eta zero"]
     result = run(script, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -109,9 +136,21 @@ def test_a_bool_flag_turned_off_on_the_command_line_wins_over_a_preset_that_turn
     (ddpo, "--timestep-fraction", "0", "(0, 1]"), (ddpo, "--inner-epochs", "0", "[1, inf)"),
     (d3po, "--ratio-clip", "1.0", "(0, 1)"), (d3po, "--beta", "0", "(0, inf)"),
     (prdp, "--images-per-prompt", "1", "[2, inf)"), (prdp, "--clip-eps", "-1e-3", "(0, inf)")])
-def test_the_algorithms_own_flags_are_checked_against_their_interval(module, flag, value, interval):
-    args = bookkeeping.parse_args(module.Args, ["--model", "toy", f"{flag}={value}"], presets=module.PRESETS)
+def test_the_algorithms_own_flags_are_checked_against_their_interval(module, flag, value, interval, tmp_path):
+    args = bookkeeping.parse_args(module.Args, ["--model", "toy", f"{flag}={value}", "--output-dir", str(tmp_path)],
+                                  presets=module.PRESETS)
     with pytest.raises(bookkeeping.UserError, match=re.escape(f"{flag} must be in {interval} (got ")):
         module.check_args(args)
-    ok = bookkeeping.parse_args(module.Args, ["--model", "toy"], presets=module.PRESETS)
+    ok = bookkeeping.parse_args(module.Args, ["--model", "toy", "--output-dir", str(tmp_path)], presets=module.PRESETS)
     module.check_args(ok)
+
+
+def test_ctrl_c_says_how_to_go_on_without_a_traceback(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as status:
+        bookkeeping.run_main(interrupted)
+    assert status.value.code == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: the run keeps every epoch it finished; continue it with "
+                                               "--resume <its --output-dir>")

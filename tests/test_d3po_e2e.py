@@ -243,3 +243,23 @@ def test_training_into_the_round_itself_is_refused_and_the_round_is_left_as_it_w
         d3po.main(round_args(tiny_dir, prompt_file, r, "--labels", str(r)))
     assert {f: (r / f).read_bytes() for f in human_feedback.ROUND_FILES} == before
     assert not (r / "checkpoint.pt").exists()
+
+
+def test_damaged_rounds_and_start_points_are_refused_in_one_sentence(first_round, tiny_dir, prompt_file, tmp_path):
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in human_feedback.ROUND_FILES:
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    label(r, "gina.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
+    (r / "labels" / "notes.json").mkdir()  # a directory that looks like a label file is not read as one
+    full = (r / "trajectories.safetensors").read_bytes()
+    (r / "trajectories.safetensors").write_bytes(full[:len(full) // 2])  # cut short
+    with pytest.raises(common.UserError, match="trajectories.safetensors cannot be read"):
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
+    (r / "trajectories.safetensors").write_bytes(full)
+    d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r), "--num-epochs", "1"))
+    lora = tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(lora.read_bytes()[:100])
+    with pytest.raises(common.UserError, match="its weights cannot be loaded"):
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "next", "--sample-only", "--start-from",
+                             str(tmp_path / "out")))
