@@ -32,12 +32,9 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     """
     if not eta > 0:
         raise UserError(f"eta must be > 0 (got {eta}): with eta = 0 DDIM is deterministic and log-probs are undefined.")
-    if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
     if scheduler.config.get("thresholding", False):
         raise UserError("the model's scheduler uses dynamic thresholding, which this project does not support.")
-    B, device = sample.shape[0], sample.device
-    sample, model_output = sample.float(), model_output.float()
+    B, device, sample, model_output = sample.shape[0], sample.device, sample.float(), model_output.float()
 
     # the previous timestep of the DDIM grid, as in diffusers' DDIMScheduler.step
     t, alphas_cumprod = torch.as_tensor(timestep).cpu().long().reshape(-1).expand(B), scheduler.alphas_cumprod.cpu()
@@ -328,9 +325,8 @@ def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
 
 def make_scaler(device, mixed_precision):
     """A gradient scaler, active only for fp16 on CUDA (fp16 gradients of small losses underflow otherwise)."""
-    device = torch.device(device)
-    enabled = device.type == "cuda" and resolve_precision(mixed_precision, device) == torch.float16
-    return torch.amp.GradScaler(device.type, enabled=enabled)
+    enabled = torch.device(device).type == "cuda" and resolve_precision(mixed_precision, device) == torch.float16
+    return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
 
 
 def minibatches(order, batch_size, step_size):
@@ -341,9 +337,13 @@ def minibatches(order, batch_size, step_size):
 
 
 def optimizer_step(optimizer, scaler, params, max_grad_norm):
-    """Unscale (fp16), clip the gradient norm, step, and zero the gradients; returns the pre-clip norm."""
+    """Unscale (fp16), clip, step, zero the gradients; returns the pre-clip norm. A non-finite gradient never reaches
+    the weights: fp16's scaler skips that step; otherwise the run stops."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(norm) and not scaler.is_enabled():
+        raise UserError("the gradient is not finite (NaN or infinite): the run stops before the optimiser step, and "
+                        "its last checkpoint is kept; a lower --learning-rate may help.")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

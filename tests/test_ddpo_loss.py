@@ -93,3 +93,22 @@ def test_per_prompt_normaliser_hand_worked():
     # "b" now has (5, 1): mean 3, std 2, its own statistics from here on; "a" is now (7, 7): std 0, (7 - 7) / 1e-6 = 0
     np.testing.assert_allclose(update(["b", "a"], [1.0, 7.0]), [-1.0, 0.0], rtol=1e-5, atol=1e-6)
     assert stats == {"a": [7.0, 7.0], "b": [5.0, 1.0]}  # the state a checkpoint keeps
+
+
+@pytest.mark.parametrize("scaling", [False, True])
+def test_a_non_finite_gradient_never_reaches_the_weights(scaling):
+    """Without fp16 scaling the run stops before the step; with it, the scaler skips the step, as it does."""
+    import common
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = common.make_optimizer([weight], 0.1, 0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaling)
+    scaler.scale((weight * torch.tensor([1.0, float("nan"), 1.0])).sum()).backward()
+    if scaling:
+        common.optimizer_step(optimizer, scaler, [weight], 1.0)
+    else:
+        with pytest.raises(common.UserError, match="gradient is not finite"):
+            common.optimizer_step(optimizer, scaler, [weight], 1.0)
+    assert torch.equal(weight.detach(), torch.ones(3))
+    weight.grad = torch.ones(3)  # a finite one is stepped
+    common.optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), [weight], 1.0)
+    assert (weight.detach() < 1).all()
