@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from common import UserError
+from rewards import to_uint8
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))
 
@@ -220,11 +221,6 @@ def read_metrics(output_dir):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def to_uint8(images):
-    """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8 numpy array."""
-    return (images.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(images, captions, path, columns=8, scale=1):
