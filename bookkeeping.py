@@ -6,12 +6,17 @@ most the epoch it was in.
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import time
 
+try:
+    import fcntl  # the run-directory lock (Linux, macOS); Windows has no flock and runs without it
+except ImportError:
+    fcntl = None
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -25,6 +30,9 @@ PROJECT = os.path.dirname(os.path.abspath(__file__))
 def run_main(main):
     """Call `main()`, turning a UserError into one line on stderr and exit status 2, and Ctrl-C into one line that
     says how to go on (exit status 130)."""
+    # transformers says on every run that it reads images with PIL because torchvision is not installed: harmless
+    quiet = logging.getLogger("transformers.utils.import_utils")
+    quiet.addFilter(lambda record: "requires torchvision" not in record.getMessage())
     try:
         main()
     except UserError as e:
@@ -88,20 +96,29 @@ def parse_args(args_class, argv=None, description=None, presets=None):
     ns = vars(parser.parse_args(argv))
     given = {name for name, flag in flags.items()  # a bool flag is also given as --no-<name>
              if any(a in (flag, "--no-" + flag[2:]) or a.startswith(flag + "=") for a in argv)}
+    if ns.get("labels") and "model" not in given:  # d3po.py --labels: a round trains with its model's preset
+        ns["model"] = (read_config(ns["labels"], "--labels") or {}).get("model", ns["model"])
     if not ns.get("resume") and ns["model"] in (presets or {}):
         ns.update({k: v for k, v in presets[ns["model"]].items() if k not in given})
     if ns.get("resume"):
-        config_path = os.path.join(ns["resume"], "config.json")
-        if not os.path.isfile(config_path):
+        saved = read_config(ns["resume"], "--resume")
+        if saved is None:
             raise UserError(f"--resume {ns['resume']!r}: no config.json there, so it is not a run directory.")
-        try:
-            with open(config_path, encoding="utf-8") as fh:
-                saved = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"--resume {ns['resume']!r}: its config.json is not readable JSON (cut short?).")
         ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
         ns["output_dir"] = ns["resume"]
     return args_class(**ns)
+
+
+def read_config(directory, flag):
+    """The config.json of a run directory as a dict, or None where there is none; `flag` names it in errors."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{flag} {directory!r}: its config.json is not readable JSON (cut short?).")
 
 
 # the intervals of shared flags (an algorithm's own flags give theirs in Args): a learning rate or clip of 0 would
@@ -153,9 +170,59 @@ def check_args(args, group=1):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output-dir {args.output_dir!r} cannot be created ({e.strerror}).")
+    claim_output_dir(args)
 
 
-# ---- The output directory: config, metrics, image grids, curves --------------------------------------------------
+# ---- The output directory: who writes it, config, metrics, image grids, curves ------------------------------------
+
+HELD = {}  # the output directories this process holds: real path -> its open .lock file
+
+
+def owner(args):
+    """What writes into args.output_dir: the script, and whether it is a round of D3PO's human feedback."""
+    return {"script": os.path.basename(sys.modules[type(args).__module__].__file__),
+            "round": bool(getattr(args, "sample_only", False))}
+
+
+def claim_output_dir(args):
+    """Hold the output directory for this process, and refuse one that another script or kind of run wrote.
+
+    The hold is an flock on <output_dir>/.lock, which the system lets go of when the process ends in any way
+    (kill -9 too), so a second run into a directory in use is refused and a killed run leaves nothing stuck."""
+    path = os.path.realpath(args.output_dir)
+    if fcntl and path not in HELD:
+        try:
+            lock = open(os.path.join(path, ".lock"), "a+")
+        except OSError as e:
+            raise UserError(f"--output-dir {args.output_dir!r} cannot be written ({e.strerror}).")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UserError(f"{args.output_dir!r} is in use by another run (process {lock.read().strip() or '?'}); "
+                            f"wait for it to end or choose another --output-dir.")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        HELD[path] = lock
+    saved, mine = read_config(args.output_dir, "--output-dir"), owner(args)
+    theirs = saved and {"script": saved.get("script", mine["script"]),  # configs written before they said
+                        "round": saved.get("round", saved.get("sample_only", False))}
+    if saved is not None and theirs != mine:
+        kind = "round of human feedback (--sample-only)" if theirs["round"] else "training run"
+        go_on = f"continue it with {theirs['script']} --resume" if args.resume else "choose another --output-dir"
+        raise UserError(f"{args.output_dir!r} holds a {theirs['script']} {kind}, which "
+                        f"{mine['script']}{' --sample-only' * mine['round']} must not write into; {go_on}.")
+    if not args.resume and os.path.isfile(os.path.join(args.output_dir, "checkpoint.pt")):
+        raise UserError(f"{args.output_dir!r} already holds a run; continue it with --resume {args.output_dir} "
+                        f"or choose another --output-dir.")
+
+
+def release_output_dir(args):
+    lock = HELD.pop(os.path.realpath(args.output_dir), None)
+    if lock:
+        lock.close()
+
 
 def atomic_write(path, write):
     """Write a file through `write(tmp_path)` and rename it into place, so an interruption leaves the old one (and a
@@ -183,7 +250,7 @@ def write_json(path, value):
 
 def write_config(args):
     os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "config.json"), dataclasses.asdict(args))
+    write_json(os.path.join(args.output_dir, "config.json"), dataclasses.asdict(args) | owner(args))
 
 
 def epoch_metrics(epoch, rewards, info, sample_timer, train_timer, reward=""):
@@ -352,10 +419,8 @@ class Timer:
 
 
 def start_output(args, start_epoch):
-    """Create the output directory and config.json; on resume drop metrics of epochs that will be redone."""
-    if start_epoch == 0 and os.path.isfile(os.path.join(args.output_dir, "checkpoint.pt")):
-        raise UserError(f"{args.output_dir!r} already holds a run; continue it with --resume {args.output_dir} "
-                        f"or choose another --output-dir.")
+    """Create the output directory and config.json; on resume drop metrics of epochs that will be redone. (Whether
+    the directory may be written was settled by check_args, before any model was loaded.)"""
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     write_config(args)
     rows = [r for r in read_metrics(args.output_dir) if r["epoch"] < start_epoch]
@@ -379,6 +444,7 @@ def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, re
 
 
 def finish(args):
+    release_output_dir(args)
     print(f"done: metrics in {args.output_dir}/metrics.jsonl, image grids in {args.output_dir}/samples/, "
           f"weights in {args.output_dir}/{'lora' if args.lora_rank > 0 else 'unet'}", flush=True)
 

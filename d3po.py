@@ -129,7 +129,8 @@ def main(argv=None):
             if not args.labels:
                 batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, images_per_prompt=2,
                                                              shared_noise=True)  # a pair of images from one x_T
-                rewards = torch.stack([compute_rewards(fn, samples.images, batch_prompts) for fn in reward_fns], 1)
+                rewards = torch.stack([compute_rewards(fn, samples.images, batch_prompts, epoch)
+                                       for fn in reward_fns], 1)
                 # ---- 2. ALGO LOGIC: what to learn from the rewards: the winner of each pair; ties are dropped ----
                 pairs = preferences(rewards, torch.arange(len(rewards)).view(-1, 2))        # (n, 2), winner first
                 # log pi_ref does not depend on theta: once per trained image, never in the training loop

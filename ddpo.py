@@ -130,7 +130,7 @@ def main(argv=None):
         policy.pipe.unet.eval()
         with bookkeeping.Timer() as sample_timer:
             batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator)
-            rewards = compute_rewards(reward_fn, samples.images, batch_prompts)  # (n,)
+            rewards = compute_rewards(reward_fn, samples.images, batch_prompts, epoch)  # (n,)
             # ---- 2. ALGO LOGIC: what to learn from the rewards: per-prompt normalised advantages ----
             advantages = per_prompt_advantages(extra.setdefault("stats", {}), batch_prompts, rewards,
                                                args.per_prompt_buffer_size, args.per_prompt_min_count)  # (n,)

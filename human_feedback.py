@@ -49,6 +49,7 @@ def sample_round(policy, args, prompts):
                              lambda p: open(p, "w", encoding="utf-8").write("".join(f"{q}\n" for q in prompts)))
     print(f"sampled {len(prompts)} prompts x {n} images into {args.output_dir}: look at sheets/, copy "
           f"labels_template.json to labels/<your name>.json and fill in the scores (higher is better)", flush=True)
+    bookkeeping.release_output_dir(args)
 
 
 def read_labels(round_dir, prompts, images_per_prompt):
@@ -88,25 +89,18 @@ def read_labels(round_dir, prompts, images_per_prompt):
 
 
 def round_config(round_dir):
-    path = os.path.join(round_dir, "config.json")
     missing = [f for f in ROUND_FILES if not os.path.isfile(os.path.join(round_dir, f))]
     if missing:
         raise UserError(f"--labels {round_dir!r}: no {' or '.join(missing)} there, so it is not a round written by "
                         f"--sample-only.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"--labels {round_dir!r}: its config.json is not readable JSON (cut short?).")
+    return bookkeeping.read_config(round_dir, "--labels")
 
 
 def adopt_round_settings(args):
     """Training on a round uses the settings and prompts it was sampled with (ROUND_SETTINGS, its prompts.txt), and
-    says which flags it replaced."""
+    says which flags it replaced. (The round's directory is never written: it is a round, so bookkeeping refuses it
+    as the --output-dir of a training run.)"""
     saved = round_config(args.labels)
-    if os.path.realpath(args.output_dir) == os.path.realpath(args.labels):
-        raise UserError(f"--output-dir {args.output_dir!r} is the round itself; the training run needs a directory of "
-                        f"its own, so that the round's files stay as they are.")
     args.prompt_file = os.path.join(args.labels, "prompts.txt")
     changed = [f"--{n.replace('_', '-')} {saved[n]}" for n in ROUND_SETTINGS if getattr(args, n) != saved[n]]
     if changed:

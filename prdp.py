@@ -137,7 +137,7 @@ def main(argv=None):
         with bookkeeping.Timer() as sample_timer:
             batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, args.images_per_prompt,
                                                          shared_noise=args.shared_noise)
-            rewards = compute_rewards(reward_fn, samples.images, batch_prompts)  # (n,)
+            rewards = compute_rewards(reward_fn, samples.images, batch_prompts, epoch)  # (n,)
             # ---- 2. ALGO LOGIC: what to learn from the rewards: each prompt's pairs of images that differ ----
             pairs = prompt_pairs(rewards, args.images_per_prompt)           # (m, 2); a prompt whose images tie has none
             trained = pairs.unique().view(-1, args.images_per_prompt)           # the images of each prompt with pairs

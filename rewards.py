@@ -69,7 +69,7 @@ def get_reward_fn(name):
     return fn
 
 
-def compute_rewards(reward_fn, images, prompts):
+def compute_rewards(reward_fn, images, prompts, epoch=None):
     """Call a reward function and check that it gave one finite number per image: a float32 tensor (B,) on the CPU.
 
     A NaN, an infinity or a None would make every trained weight NaN (DDPO, PRDP) or silently tie (D3PO), so the
@@ -87,5 +87,6 @@ def compute_rewards(reward_fn, images, prompts):
     bad = int((~torch.isfinite(rewards)).sum())
     if bad:
         raise UserError(f"the reward {name} returned {bad} non-finite values (NaN or infinite) for {len(prompts)} "
-                        f"images; the run stops before training on them, and its last checkpoint is kept.")
+                        f"images{'' if epoch is None else f' in epoch {epoch}'}; the run stops before training on "
+                        f"them, and its last checkpoint is kept.")
     return rewards

@@ -1,5 +1,6 @@
 """The command line: bad input gets one sentence and no traceback; --help documents every flag."""
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -29,18 +30,26 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
     (tmp_path / "a_file").write_text("in the way")
     (tmp_path / "broken_reward.py").write_text("def reward(images, prompts:\n")
+    (tmp_path / "odd_rewards.py").write_text("def words(images, prompts):\n    return ['good'] * len(prompts)\n"
+                                             "def nan(images, prompts):\n    return [float('nan')] * len(prompts)\n")
     base = ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(tmp_path / "out"),
             "--resolution", "32", "--num-steps", "2", "--device", "cpu"]
+    # one small sampling batch, for the cases that load the model and sample before they fail
+    small = base + ["--sample-batch-size", "4", "--sample-batches-per-epoch", "1", "--train-batch-size", "4",
+                    "--gradient-accumulation-steps", "1"] + (["--images-per-prompt", "2"] if module is prdp else [])
     cut_short = {}
-    for name, damage in (("checkpoint", "checkpoint.pt"), ("config", "config.json")):
+    for name, damage, data in (("checkpoint", "checkpoint.pt", b"PK\x03"), ("empty", "checkpoint.pt", b""),
+                               ("config", "config.json", b'{"model": "')):
         run = tmp_path / f"cut-{name}"
         bookkeeping.write_config(bookkeeping.parse_args(module.Args, base + ["--output-dir", str(run)]))
-        (run / damage).write_bytes((run / damage).read_bytes()[:20] if damage == "config.json" else b"PK\x03")
+        (run / damage).write_bytes(data)
         cut_short[name] = str(run)
     return {
         "binary prompt file": (base + ["--prompt-file", str(tmp_path / "binary.txt")], "is not UTF-8 text"),
         "prompt file that is a directory": (base + ["--prompt-file", str(tmp_path)], "is a directory"),
         "output dir behind a file": (base + ["--output-dir", str(tmp_path / "a_file" / "run")], "cannot be created"),
+        "output dir under /proc": (base + ["--output-dir", "/proc/no/run"], "cannot be created"),
+        "output dir that cannot be written": (base + ["--output-dir", "/proc"], "cannot be written"),
         "empty output dir": (base + ["--output-dir", ""], "--output-dir is empty"),
         "device nonsense": (base + ["--device", "toaster"], "is not a torch device"),
         "more steps than the scheduler has": (base + ["--num-steps", "1001"], "--num-steps must be in [1, 1000]"),
@@ -50,7 +59,11 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
         "gradient clip 0": (base + ["--max-grad-norm", "0"], "--max-grad-norm must be in (0, inf)"),
         "reward module with a syntax error": (base + ["--reward", "broken_reward:reward"], "could not import reward"),
         "reward without a module": (base + ["--reward", ":reward"], "could not import reward"),
+        "reward returning words": (small + ["--reward", "odd_rewards:words"], "returned something that is not numbers"),
+        "reward returning NaN": (small + ["--reward", "odd_rewards:nan"], "non-finite values (NaN or infinite) for 4 "
+                                                                          "images in epoch 0"),
         "resume from a cut-short checkpoint": (["--resume", cut_short["checkpoint"]], "checkpoint.pt cannot be read"),
+        "resume from an empty checkpoint": (["--resume", cut_short["empty"]], "checkpoint.pt cannot be read"),
         "resume from a cut-short config": (["--resume", cut_short["config"]], "config.json is not readable JSON"),
         **({} if torch.cuda.is_available() else {"cuda without a GPU": (base + ["--device", "cuda"], "no CUDA GPU")}),
         "missing prompt file": (base + ["--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
@@ -154,3 +167,69 @@ def test_ctrl_c_says_how_to_go_on_without_a_traceback(capsys):
     assert status.value.code == 130
     assert capsys.readouterr().err.strip() == ("interrupted: the run keeps every epoch it finished; continue it with "
                                                "--resume <its --output-dir>")
+
+
+def snapshot(directory):
+    """Every file under a directory, with its bytes."""
+    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(directory) for f in files}
+
+
+def test_a_directory_that_another_script_or_kind_of_run_wrote_is_refused_and_left_as_it_was(tiny_dir, prompt_file,
+                                                                                              tmp_path, capsys):
+    """A finished ddpo.py run and a d3po.py round (config.json says which script wrote them, and whether it is a
+    round); every other script, and every other kind of run, is refused before any model loads."""
+    base = ["--model", tiny_dir, "--prompt-file", prompt_file, "--resolution", "32", "--num-steps", "2",
+            "--device", "cpu", "--sample-batch-size", "4", "--sample-batches-per-epoch", "1", "--train-batch-size",
+            "4", "--gradient-accumulation-steps", "1"]
+    run, round_ = str(tmp_path / "ddpo-run"), str(tmp_path / "round")
+    ddpo.main(base + ["--output-dir", run, "--num-epochs", "1"])
+    d3po.main(base + ["--output-dir", round_, "--sample-only", "--images-per-prompt", "2"])
+    assert [json.load(open(os.path.join(d, "config.json")))["script"] for d in (run, round_)] == ["ddpo.py", "d3po.py"]
+    assert [json.load(open(os.path.join(d, "config.json")))["round"] for d in (run, round_)] == [False, True]
+    cases = [
+        (d3po, ["--resume", run], f"{run!r} holds a ddpo.py training run, which d3po.py must not write into; "
+                                  f"continue it with ddpo.py --resume."),
+        (prdp, base + ["--output-dir", run, "--images-per-prompt", "2"],
+         "holds a ddpo.py training run, which prdp.py must not write into; choose another --output-dir."),
+        (d3po, base + ["--output-dir", run, "--sample-only"],
+         "holds a ddpo.py training run, which d3po.py --sample-only must not write into"),
+        (ddpo, base + ["--output-dir", run], f"{run!r} already holds a run; continue it with --resume {run}"),
+        (ddpo, base + ["--output-dir", round_], f"{round_!r} holds a d3po.py round of human feedback (--sample-only), "
+                                                f"which ddpo.py must not write into"),
+        (d3po, base + ["--output-dir", round_], "round of human feedback (--sample-only), which d3po.py must not"),
+        (prdp, ["--resume", round_], "round of human feedback (--sample-only), which prdp.py must not write into"),
+    ]
+    before = {d: snapshot(d) for d in (run, round_)}
+    capsys.readouterr()
+    for module, argv, message in cases:
+        with pytest.raises(SystemExit) as status:
+            bookkeeping.run_main(lambda: module.main(argv))
+        assert status.value.code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, (argv, err)
+    assert {d: snapshot(d) for d in (run, round_)} == before
+
+
+def test_a_directory_in_use_is_refused_until_its_process_ends_even_by_kill_9(tiny_dir, prompt_file, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", out, "--num-epochs", "1",
+            "--resolution", "32", "--num-steps", "2", "--device", "cpu", "--sample-batch-size", "4",
+            "--sample-batches-per-epoch", "1", "--train-batch-size", "4", "--gradient-accumulation-steps", "1"]
+    holder = subprocess.Popen(  # a run that has passed its checks (and so holds the directory), then waits
+        [sys.executable, "-c", "import sys, time, bookkeeping, ddpo\n"
+         "ddpo.check_args(bookkeeping.parse_args(ddpo.Args, sys.argv[1:]))\nprint('held', flush=True)\ntime.sleep(300)",
+         *argv], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as status:
+            bookkeeping.run_main(lambda: ddpo.main(argv))
+        assert status.value.code == 2
+        assert capsys.readouterr().err.strip() == (f"error: {out!r} is in use by another run (process {holder.pid}); "
+                                                   f"wait for it to end or choose another --output-dir.")
+        assert not os.path.exists(os.path.join(out, "config.json"))  # the second run wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+    ddpo.main(argv)  # the killed run's hold is gone with its process
+    assert [r["epoch"] for r in bookkeeping.read_metrics(out)] == [0]

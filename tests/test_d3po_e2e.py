@@ -239,7 +239,8 @@ def test_training_into_the_round_itself_is_refused_and_the_round_is_left_as_it_w
         (r / f).write_bytes((first_round / "round1" / f).read_bytes())
     label(r, "frank.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
     before = {f: (r / f).read_bytes() for f in human_feedback.ROUND_FILES}
-    with pytest.raises(common.UserError, match="is the round itself"):
+    with pytest.raises(common.UserError, match=r"holds a d3po.py round of human feedback \(--sample-only\), which "
+                                               r"d3po.py must not write into; choose another --output-dir"):
         d3po.main(round_args(tiny_dir, prompt_file, r, "--labels", str(r)))
     assert {f: (r / f).read_bytes() for f in human_feedback.ROUND_FILES} == before
     assert not (r / "checkpoint.pt").exists()
@@ -258,8 +259,32 @@ def test_damaged_rounds_and_start_points_are_refused_in_one_sentence(first_round
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
     (r / "trajectories.safetensors").write_bytes(full)
     d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r), "--num-epochs", "1"))
+    (r / "labels" / "hank.json").write_bytes(b"\xff\xfe[{\x00\x81")
+    with pytest.raises(common.UserError, match="hank.json is not UTF-8 text; it must be a JSON list"):
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out2", "--labels", str(r)))
     lora = tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors"
     lora.write_bytes(lora.read_bytes()[:100])
     with pytest.raises(common.UserError, match="its weights cannot be loaded"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "next", "--sample-only", "--start-from",
                              str(tmp_path / "out")))
+
+
+def test_a_round_of_the_toy_model_trains_with_the_toy_preset_unless_a_flag_says_otherwise(tmp_path):
+    """`d3po.py --labels R` is given no --model: the round's model decides the preset, as --model toy would."""
+    r = tmp_path / "round"
+    r.mkdir()
+    bookkeeping.write_config(bookkeeping.parse_args(d3po.Args, ["--model", "toy", "--sample-only", "--output-dir",
+                                                                str(r)], presets=d3po.PRESETS))
+    for f in human_feedback.ROUND_FILES[1:]:  # present; what they hold is not read before the model loads
+        (r / f).write_text("")
+    args = bookkeeping.parse_args(d3po.Args, ["--labels", str(r), "--output-dir", str(tmp_path / "a")],
+                                  presets=d3po.PRESETS)
+    d3po.check_args(args)
+    toy = d3po.PRESETS["toy"]
+    assert args.model == "toy" and args.prompt_file == str(r / "prompts.txt")
+    for name in ("learning_rate", "lora_rank", "lora_targets", "train_batch_size", "gradient_accumulation_steps",
+                 "num_epochs"):
+        assert getattr(args, name) == toy[name], name
+    given = bookkeeping.parse_args(d3po.Args, ["--labels", str(r), "--output-dir", str(tmp_path / "b"),
+                                               "--learning-rate", "1e-4"], presets=d3po.PRESETS)
+    assert given.learning_rate == 1e-4 and given.lora_rank == toy["lora_rank"]

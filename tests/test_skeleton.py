@@ -221,8 +221,8 @@ def test_same_outputs_and_the_fewest_unet_calls(name, tiny_dir, prompt_file, tmp
         MODULES[name].main(small_args(name, tiny_dir, prompt_file, tmp_path / "run", distinct_reward))
     out = tmp_path / "run"
     weights = "unet" if name == "prdp" else "lora"  # prdp.py fine-tunes the whole UNet by default, as the paper
-    assert sorted(os.listdir(out)) == sorted(["checkpoint.pt", "config.json", "curves.png", weights, "metrics.jsonl",
-                                            "samples"])
+    assert sorted(os.listdir(out)) == sorted([".lock", "checkpoint.pt", "config.json", "curves.png", weights,
+                                            "metrics.jsonl", "samples"])
     assert sorted(os.listdir(out / "samples")) == ["epoch_0000.png", "epoch_0001.png"]
     rows = bookkeeping.read_metrics(out)
     for key in ("epoch", "reward_mean", "reward_std", "loss", "sample_seconds", "train_seconds", "seconds"):
@@ -249,7 +249,7 @@ def test_a_nan_reward_in_a_later_epoch_stops_the_run_and_keeps_the_last_checkpoi
     with pytest.raises(SystemExit) as status:
         bookkeeping.run_main(lambda: MODULES[name].main(argv))
     assert status.value.code == 2
-    assert "returned 1 non-finite values" in capsys.readouterr().err
+    assert "returned 1 non-finite values (NaN or infinite) for 8 images in epoch 1;" in capsys.readouterr().err
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert [r["epoch"] for r in bookkeeping.read_metrics(out)] == [0]
