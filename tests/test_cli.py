@@ -56,6 +56,7 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
         "negative learning rate": (base + ["--learning-rate=-1e-4"], "--learning-rate must be in (0, inf)"),
         "NaN learning rate": (base + ["--learning-rate", "nan"], "--learning-rate must be in (0, inf)"),
         "negative seed": (base + ["--seed=-1"], "--seed must be in [0, 9e12]"),
+        "seed too large": (base + ["--seed", str(10 ** 13)], "--seed must be in [0, 9e12]"),
         "gradient clip 0": (base + ["--max-grad-norm", "0"], "--max-grad-norm must be in (0, inf)"),
         "reward module with a syntax error": (base + ["--reward", "broken_reward:reward"], "could not import reward"),
         "reward without a module": (base + ["--reward", ":reward"], "could not import reward"),

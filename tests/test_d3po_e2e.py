@@ -161,6 +161,9 @@ def test_a_round_without_labels_is_refused(first_round, tiny_dir, prompt_file, t
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
     with pytest.raises(common.UserError, match="not a round written by --sample-only"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(tmp_path)))
+    (r / "labels_template.json").unlink()
+    with pytest.raises(common.UserError, match="no labels_template.json there, so it is not a round"):
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
 
 
 def test_training_on_a_round_takes_its_settings_and_says_which(first_round, tiny_dir, prompt_file, tmp_path,
