@@ -116,9 +116,12 @@ def read_config(directory, flag):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{flag} {directory!r}: its config.json is not readable JSON (cut short?).")
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {directory!r}: its config.json holds no run's settings (edited by hand?).")
+    return config
 
 
 # the intervals of shared flags (an algorithm's own flags give theirs in Args): a learning rate or clip of 0 would
@@ -180,7 +183,8 @@ HELD = {}  # the output directories this process holds: real path -> its open .l
 
 def owner(args):
     """What writes into args.output_dir: the script, and whether it is a round of D3PO's human feedback."""
-    return {"script": os.path.basename(sys.modules[type(args).__module__].__file__),
+    module = sys.modules[type(args).__module__]
+    return {"script": os.path.basename(getattr(module, "__file__", None) or module.__name__),
             "round": bool(getattr(args, "sample_only", False))}
 
 
@@ -206,9 +210,10 @@ def claim_output_dir(args):
         lock.flush()
         HELD[path] = lock
     saved, mine = read_config(args.output_dir, "--output-dir"), owner(args)
-    theirs = saved and {"script": saved.get("script", mine["script"]),  # configs written before they said
-                        "round": saved.get("round", saved.get("sample_only", False))}
-    if saved is not None and theirs != mine:
+    # (a config.json written before configs named their script is taken as this script's)
+    theirs = mine if saved is None else {"script": saved.get("script", mine["script"]),
+                                         "round": saved.get("round", saved.get("sample_only", False))}
+    if theirs != mine:
         kind = "round of human feedback (--sample-only)" if theirs["round"] else "training run"
         go_on = f"continue it with {theirs['script']} --resume" if args.resume else "choose another --output-dir"
         raise UserError(f"{args.output_dir!r} holds a {theirs['script']} {kind}, which "

@@ -39,7 +39,7 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
                     "--gradient-accumulation-steps", "1"] + (["--images-per-prompt", "2"] if module is prdp else [])
     cut_short = {}
     for name, damage, data in (("checkpoint", "checkpoint.pt", b"PK\x03"), ("empty", "checkpoint.pt", b""),
-                               ("config", "config.json", b'{"model": "')):
+                               ("config", "config.json", b'{"model": "'), ("list", "config.json", b"[1, 2]")):
         run = tmp_path / f"cut-{name}"
         bookkeeping.write_config(bookkeeping.parse_args(module.Args, base + ["--output-dir", str(run)]))
         (run / damage).write_bytes(data)
@@ -66,6 +66,9 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
         "resume from a cut-short checkpoint": (["--resume", cut_short["checkpoint"]], "checkpoint.pt cannot be read"),
         "resume from an empty checkpoint": (["--resume", cut_short["empty"]], "checkpoint.pt cannot be read"),
         "resume from a cut-short config": (["--resume", cut_short["config"]], "config.json is not readable JSON"),
+        "resume from a config that is no dict": (["--resume", cut_short["list"]], "config.json holds no run's settings"),
+        "output dir with a config that is no dict": (base + ["--output-dir", cut_short["list"]],
+                                                     "config.json holds no run's settings"),
         **({} if torch.cuda.is_available() else {"cuda without a GPU": (base + ["--device", "cuda"], "no CUDA GPU")}),
         "missing prompt file": (base + ["--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
         "empty prompt file": (base + ["--prompt-file", str(empty)], "has no prompts"),
