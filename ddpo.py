@@ -64,9 +64,9 @@ class Args:
 # Defaults for the shapes-world toy model (--model toy; flags you give still win); README.md, "Learning on a
 # laptop", says how they were found and what else was tried.
 PRESETS = {"toy": dict(
-    prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=40, resolution=32, num_steps=10,
-    sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=16, gradient_accumulation_steps=4,
-    learning_rate=3e-4, lora_rank=0, per_prompt_min_count=4)}
+    prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
+    guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
+    gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=0, per_prompt_min_count=4)}
 
 
 # ALGO LOGIC: advantages, the rewards normalised per prompt (reference code's PerPromptStatTracker)

@@ -60,10 +60,10 @@ class Args:
 # Defaults for the shapes-world toy model (--model toy; flags you give still win); README.md, "Learning on a
 # laptop", says how they were found and what else was tried.
 PRESETS = {"toy": dict(
-    prompt_file="tutorials/shapes.txt", reward="shapes_correct", num_epochs=60, resolution=32, num_steps=10,
-    guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=16,
-    gradient_accumulation_steps=4, learning_rate=3e-3, lora_rank=8, lora_targets="cross-attention", beta=16.0,
-    clip_eps=0.1, images_per_prompt=8, grad_steps_per_epoch=1)}
+    prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
+    guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
+    gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=0, beta=0.1, clip_eps=0.1, images_per_prompt=8,
+    grad_steps_per_epoch=1)}
 
 
 # ALGO LOGIC: every unordered pair of a prompt's images whose rewards differ

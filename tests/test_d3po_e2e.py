@@ -285,7 +285,7 @@ def test_a_round_of_the_toy_model_trains_with_the_toy_preset_unless_a_flag_says_
     d3po.check_args(args)
     toy = d3po.PRESETS["toy"]
     assert args.model == "toy" and args.prompt_file == str(r / "prompts.txt")
-    for name in ("learning_rate", "lora_rank", "lora_targets", "train_batch_size", "gradient_accumulation_steps",
+    for name in ("reward", "learning_rate", "lora_rank", "train_batch_size", "gradient_accumulation_steps",
                  "num_epochs"):
         assert getattr(args, name) == toy[name], name
     given = bookkeeping.parse_args(d3po.Args, ["--labels", str(r), "--output-dir", str(tmp_path / "b"),

@@ -1,5 +1,7 @@
-"""The README's quick start, run exactly as written, and a fast check that it learns: the shape-area objective
-rises on evaluation noise held apart from training (the full figures come from benchmarks/shapes.py)."""
+"""The README's three quick starts, run exactly as written, and a fast check that each learns: the shape-area
+objective rises on evaluation noise held apart from training by more than twice the standard error of its change
+(the full figures, over three seeds, come from benchmarks/compare.py)."""
+import json
 import os
 import re
 import shlex
@@ -13,27 +15,43 @@ import shapes
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
+SCRIPTS = ("ddpo", "d3po", "prdp")
 
 
-def quickstart_command():
-    """The one `python ddpo.py --model toy ...` line of README.md's quick start."""
+def quickstart_commands():
+    """The `python X.py --model toy ...` lines of the README's quick-start section, by script."""
     with open(os.path.join(ROOT, "README.md")) as f:
-        lines = [line.strip() for line in f if re.match(r"\s*python ddpo\.py --model toy", line)]
-    assert len(lines) == 1, "README.md must give exactly one quick-start command"
-    return shlex.split(lines[0])
+        section = f.read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip() for line in section.splitlines() if re.match(r"python \w+\.py --model toy", line.strip())]
+    commands = {shlex.split(line)[1][:-3]: shlex.split(line.split("#")[0]) for line in lines}
+    assert sorted(commands) == sorted(SCRIPTS) and len(lines) == 3, "one quick-start command for each script"
+    return commands
 
 
-def test_readme_quickstart_runs_and_raises_the_objective(tmp_path):
-    command = quickstart_command()
+BEFORE = {}  # the untrained model's measurement: the three presets sample alike, so it is measured once
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_readme_quickstart_runs_and_raises_the_objective(script, tmp_path):
+    command = quickstart_commands()[script]
     result = subprocess.run([sys.executable, os.path.join(ROOT, command[1]), *command[2:]], cwd=tmp_path,
                             capture_output=True, text=True, timeout=1200, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "done: metrics in runs/quickstart/metrics.jsonl" in result.stdout
+    run_dir = command[command.index("--output-dir") + 1]
+    assert f"done: metrics in {run_dir}/metrics.jsonl" in result.stdout
     assert "torchvision" not in result.stderr  # transformers' harmless note that it reads images with PIL
-    run_dir = str(tmp_path / "runs" / "quickstart")
-    args = bookkeeping.parse_args(__import__("ddpo").Args, ["--resume", run_dir])
+    with open(tmp_path / run_dir / "metrics.jsonl") as f:
+        rewards = [json.loads(line)["reward_mean"] for line in f]
+    args = bookkeeping.parse_args(__import__(script).Args, ["--resume", str(tmp_path / run_dir)])
     prompts = bookkeeping.load_prompts(args.prompt_file)
-    before, _ = shapes.measure(shapes.load_trained(args), args, prompts, images_per_prompt=8)
-    after, _ = shapes.measure(shapes.load_trained(args, run_dir), args, prompts, images_per_prompt=8)
-    print(f"shape area on held-apart noise: {before['area']:.1f}% -> {after['area']:.1f}%")
-    assert after["area"] > before["area"] + 1.5  # the benchmark's 40-epoch runs gain 11 to 16 points
+    key = (args.num_steps, args.guidance_scale, args.eta, args.resolution, tuple(prompts))
+    if key not in BEFORE:
+        BEFORE[key] = shapes.measure(shapes.load_trained(args), args, prompts, images_per_prompt=8)[0]
+    before = BEFORE[key]
+    after, _ = shapes.measure(shapes.load_trained(args, str(tmp_path / run_dir)), args, prompts, images_per_prompt=8)
+    change, se = after["area"] - before["area"], shapes.paired_se(before, after, "area")
+    print(f"{script}: shape area on held-apart noise {before['area']:.1f}% -> {after['area']:.1f}% ({change:+.1f}, "
+          f"s.e. {se:.2f}); the epochs' samples {100 * rewards[0]:.1f}% -> {100 * rewards[-1]:.1f}%")
+    assert args.reward == "shape_area" and len(rewards) == args.num_epochs
+    assert change > 2 * se
+    assert sum(rewards[-3:]) > sum(rewards[:3])  # and the line an epoch prints shows it rising

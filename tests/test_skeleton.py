@@ -8,6 +8,7 @@ import difflib
 import inspect
 import os
 import re
+import shlex
 
 import pytest
 
@@ -139,12 +140,37 @@ def test_the_budget_check_sees_a_stray_change(tmp_path):
         assert (number in allowed_lines(stray)) == allowed, call
 
 
-def test_toy_presets_share_the_world_and_its_budget():
+def test_toy_presets_share_the_world_the_objective_and_the_budget():
+    """One task for three algorithms: the same prompts, reward, sampling, batches, rate, parameters and epochs."""
+    shared = dict(prompt_file="tutorials/shapes.txt", reward="shape_area", resolution=32, num_steps=10,
+                  guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
+                  gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=0, num_epochs=30)
     for module in MODULES.values():
         preset = module.PRESETS["toy"]
-        for key, value in dict(prompt_file="tutorials/shapes.txt", resolution=32, num_steps=10).items():
+        for key, value in shared.items():
             assert preset[key] == value, key
         assert set(preset) <= {f.name for f in dataclasses.fields(module.Args)}
+
+
+# The toy presets before 2026-11-30, which learnt prompt alignment: README.md's alignment tables come from them
+ALIGNMENT = {"d3po": dict(reward="shapes_correct", num_epochs=110),
+             "prdp": dict(reward="shapes_correct", num_epochs=60, beta=16.0, clip_eps=0.1, images_per_prompt=8,
+                          grad_steps_per_epoch=1)}
+ALIGNMENT_SHARED = dict(prompt_file="tutorials/shapes.txt", resolution=32, num_steps=10, guidance_scale=1.0,
+                        sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=16,
+                        gradient_accumulation_steps=4, learning_rate=3e-3, lora_rank=8, lora_targets="cross-attention")
+
+
+@pytest.mark.parametrize("script", ALIGNMENT)
+def test_readme_gives_the_alignment_settings_as_one_command_line(script):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = [line for line in f.read().replace("\\\n", " ").splitlines()
+                 if line.startswith(f"python {script}.py --model toy --reward shapes_correct")]
+    assert len(lines) == 1
+    module = MODULES[script]
+    args = bookkeeping.parse_args(module.Args, shlex.split(lines[0])[2:], presets=module.PRESETS)
+    for key, value in {**ALIGNMENT_SHARED, **ALIGNMENT[script]}.items():
+        assert getattr(args, key) == value, key
 
 
 HELPERS = ["common", "rewards", "bookkeeping", "human_feedback"]
