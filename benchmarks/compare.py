@@ -1,7 +1,7 @@
 """One objective, three algorithms: DDPO, D3PO and PRDP on the toy model's shape area, side by side.
 
     python benchmarks/compare.py                     # the three toy presets and PRDP at two more betas, seeds 0 1 2,
-                                                     # 4 minutes of training a run (about 70 minutes in all)
+                                                     # 4 minutes of training a run (about 75 minutes in all)
     python benchmarks/compare.py --minutes 2 --seeds 0 --settings ddpo d3po      # shorter
     python benchmarks/compare.py --results /tmp/c -- --learning-rate 1e-3        # flags after -- go to every script
 
