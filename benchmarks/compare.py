@@ -157,7 +157,9 @@ def main(argv=None):
     opts, script_flags = parser.parse_args(argv[:split]), argv[split + 1:]
     os.makedirs(opts.results, exist_ok=True)
     results, before_cache, raw = [], {}, os.path.join(opts.results, "compare.json")
-    if opts.replot or opts.go_on:
+    if opts.replot and not os.path.isfile(raw):
+        parser.error(f"--replot: there is no {raw} to redraw.")
+    if opts.replot or opts.go_on and os.path.isfile(raw):  # (--continue with nothing to continue starts afresh)
         with open(raw) as f:
             results = json.load(f)
         opts.minutes = results[0]["budget"]
