@@ -1,0 +1,40 @@
+"""The implementation details name the code they are about as `file.py::name`: every such name must exist."""
+import ast
+import os
+import re
+
+from conftest import ROOT
+
+DOCS = [os.path.join(ROOT, "tutorials", "implementation_details.md")]
+
+
+def top_level_names(path):
+    names = set()
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def references(text):
+    return re.findall(r"`([\w/]+\.py)::(\w+)`", text)
+
+
+def test_every_file_and_name_the_implementation_details_cite_exists():
+    for doc in DOCS:
+        with open(doc) as f:
+            cited = references(f.read())
+        assert len(cited) >= 20, doc  # it cites the code item by item
+        for path, name in cited:
+            full = os.path.join(ROOT, path)
+            assert os.path.isfile(full), f"{os.path.basename(doc)}: {path} does not exist"
+            assert name in top_level_names(full), f"{os.path.basename(doc)}: {path}::{name} does not exist"
+
+
+def test_the_check_finds_a_name_that_is_gone(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def kept():\n    pass\n\nPRESETS = {}\n")
+    assert references("see `m.py::kept` and `m.py::gone`") == [("m.py", "kept"), ("m.py", "gone")]
+    assert top_level_names(str(module)) == {"kept", "PRESETS"}
