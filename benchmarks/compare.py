@@ -27,33 +27,15 @@ import sys
 import tempfile
 
 import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shapes import EVAL_IMAGES_PER_PROMPT, EVAL_SEED, ROOT, fine_tune  # noqa: E402
+from shapes import EVAL_IMAGES_PER_PROMPT, ROOT, fine_tune, measure  # noqa: E402
 
 import bookkeeping  # noqa: E402
 import common  # noqa: E402
-from tutorials.shapes_world import shape_area, shape_scores  # noqa: E402
 
 # label: (script, flags): the three presets, then PRDP's at larger betas (its preset's is 0.1: prdp.PRESETS)
 SETTINGS = {"ddpo": ("ddpo", []), "d3po": ("d3po", []), "prdp": ("prdp", []),
             "prdp-beta1": ("prdp", ["--beta", "1"]), "prdp-beta10": ("prdp", ["--beta", "10"])}
-
-
-def measure(policy, args, prompts, images_per_prompt):
-    """Area and alignment of every held-apart image, the KL estimate of each trajectory, and one image a prompt."""
-    policy.pipe.unet.eval()
-    eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    generator = torch.Generator("cpu").manual_seed(EVAL_SEED)
-    _, samples = common.sample_epoch(policy, args, eval_prompts, generator, draw=False, progress=False)
-    ref_log_probs = common.reference_log_probs(policy, samples, args.sample_batch_size)
-    elements = samples.latents[0, 0].numel()                                    # C x h x w
-    log_ratio = (samples.log_probs - ref_log_probs).cpu().numpy() * elements    # (n, T) log pi_theta / pi_ref
-    return {"area": 100 * shape_area(samples.images, eval_prompts),
-            "alignment": 100 * shape_scores(samples.images, eval_prompts)[0], "kl": log_ratio.sum(1),
-            "kl_steps": log_ratio.mean(0)}, \
-        samples.images[::images_per_prompt]
 
 
 def mean_se(x):
@@ -69,19 +51,19 @@ def run(label, seed, minutes, script_flags, workdir, images_per_prompt, before_c
     policy, params = common.load_policy(args, reference=True)
     key = (args.prompt_file, args.guidance_scale, args.num_steps, args.eta, images_per_prompt)
     if key not in before_cache:  # every preset samples the same way: the untrained model is measured once
-        before_cache[key] = measure(policy, args, prompts, images_per_prompt)
+        before_cache[key] = measure(policy, args, prompts, images_per_prompt, kl=True)
     before, before_images = before_cache[key]
     optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)
     epochs, _ = bookkeeping.load_checkpoint(policy.pipe, optimizer, common.make_scaler("cpu", "no"), run_dir)
-    after, after_images = measure(policy, args, prompts, images_per_prompt)
+    after, after_images = measure(policy, args, prompts, images_per_prompt, kl=True)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         log = [json.loads(line) for line in f]
     curve = np.cumsum([0.0] + [row["seconds"] for row in log])[:-1] / 60, [100 * row["reward_mean"] for row in log]
     return {"label": label, "seed": seed, "epochs": epochs, "minutes": seconds / 60, "budget": minutes,
-            "area_before": mean_se(before["area"])[0], "area_after": mean_se(after["area"])[0],
-            "area_gain": mean_se(after["area"] - before["area"]),
-            "alignment_before": mean_se(before["alignment"])[0],
-            "alignment_change": mean_se(after["alignment"] - before["alignment"]),
+            "area_before": before["area"], "area_after": after["area"],
+            "area_gain": mean_se(100 * (after["per_image_area"] - before["per_image_area"])),
+            "alignment_before": before["alignment"],
+            "alignment_change": mean_se(100 * (after["per_image_alignment"] - before["per_image_alignment"])),
             "kl_before": mean_se(before["kl"]), "kl": mean_se(after["kl"]), "kl_steps": after["kl_steps"].tolist(),
             "curve": [list(map(float, c)) for c in curve]}, before_images, after_images, prompts
 

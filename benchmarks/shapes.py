@@ -18,6 +18,7 @@ and size), the shape-area objective, and the wall time of the fine-tuning run; i
 from seed * 1_000_003 + epoch).
 """
 import argparse
+import dataclasses
 import importlib
 import os
 import signal
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -50,18 +52,28 @@ def load_trained(args, run_dir=None):
     return policy
 
 
-def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT):
-    """On the held-apart evaluation noise: the run's own reward, alignment (soft x 100, and % fully right) and
-    shape area (% of the image); also one image per prompt for the grids."""
+def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT, kl=False):
+    """On the held-apart evaluation noise (drawn as common.evaluate draws it, in batches of 32, whatever the run's
+    batch size): the run's own reward, alignment (soft x 100, and % fully right) and shape area (% of the image),
+    with their per-image values; also one image per prompt for the grids. kl=True (a policy loaded with
+    reference=True) adds KL(p_theta || p_ref) of each trajectory x_T..x_0 in nats, by the plain Monte Carlo
+    estimator "k1": its log-ratio sum_t log pi_theta / pi_ref on the policy's own samples (the per-element
+    log-probs times the latent's C x h x w elements), and "kl_steps", each step's share averaged over samples."""
     policy.pipe.unet.eval()
     eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    images = common.evaluate(policy, eval_prompts, EVAL_SEED)
+    generator, batched = torch.Generator("cpu").manual_seed(EVAL_SEED), dataclasses.replace(args, sample_batch_size=32)
+    _, samples = common.sample_epoch(policy, batched, eval_prompts, generator, draw=False, progress=False)
+    images = samples.images
     soft, hard, _ = shape_scores(images, eval_prompts)
     reward = compute_rewards(get_reward_fn(args.reward), images, eval_prompts)
     area = shape_area(images, eval_prompts)
-    return {"reward": float(reward.mean()), "alignment": 100 * float(soft.mean()), "per_image_alignment": soft,
-            "fully_right": 100 * float(hard.mean()), "area": 100 * float(area.mean()), "per_image_area": area}, \
-        images[::images_per_prompt]
+    result = {"reward": float(reward.mean()), "alignment": 100 * float(soft.mean()), "per_image_alignment": soft,
+              "fully_right": 100 * float(hard.mean()), "area": 100 * float(area.mean()), "per_image_area": area}
+    if kl:
+        ref_log_probs = common.reference_log_probs(policy, samples, batched.sample_batch_size)
+        log_ratio = (samples.log_probs - ref_log_probs).cpu().numpy() * samples.latents[0, 0].numel()  # (n, T)
+        result.update(kl=log_ratio.sum(1), kl_steps=log_ratio.mean(0))
+    return result, images[::images_per_prompt]
 
 
 def paired_se(before, after, key="alignment"):

@@ -1,6 +1,7 @@
 """The benchmarks' own machinery: benchmarks/shapes.py (flags, prompts, a run stopped at its wall-clock budget) and
 benchmarks/compare.py (its KL estimate against the Gaussian steps' closed form, its table and figure). That each
 toy preset learns is checked by tests/test_quickstart.py, which runs the README's three quick starts."""
+import dataclasses
 import json
 import os
 import signal
@@ -40,14 +41,16 @@ def test_kl_estimate_is_zero_at_the_start_and_agrees_with_the_closed_form_of_the
                                   presets=d3po.PRESETS)
     policy, _ = common.load_policy(args, reference=True)
     prompts = bookkeeping.load_prompts(args.prompt_file)[:4]
-    start, _ = compare.measure(policy, args, prompts, 16)
+    start, grid = shapes.measure(policy, dataclasses.replace(args, sample_batch_size=8), prompts, 16, kl=True)
     assert np.abs(start["kl"]).max() < 1e-2
+    eval_prompts = [p for p in prompts for _ in range(16)]  # the noise common.evaluate draws, whatever the batch
+    assert torch.equal(grid, common.evaluate(policy, eval_prompts, shapes.EVAL_SEED)[::16])
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in policy.pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 5e-2)
-    got, _ = compare.measure(policy, args, prompts, 16)
+    got, _ = shapes.measure(policy, args, prompts, 16, kl=True)
     generator = torch.Generator("cpu").manual_seed(shapes.EVAL_SEED)  # the same trajectories again
     _, samples = common.sample_epoch(policy, args, [p for p in prompts for _ in range(16)], generator, draw=False,
                                      progress=False)
