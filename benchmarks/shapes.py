@@ -42,9 +42,10 @@ EVAL_SEED = 987_654_321
 EVAL_IMAGES_PER_PROMPT = 16
 
 
-def load_trained(args, run_dir=None):
-    """The toy model's policy as configured by `args`; with run_dir, with that run's weights."""
-    policy, params = common.load_policy(args)
+def load_trained(args, run_dir=None, reference=False):
+    """The toy model's policy as configured by `args`; with run_dir, with that run's weights; reference=True keeps
+    the untrained model as its reference (measure's kl=True needs it)."""
+    policy, params = common.load_policy(args, reference)
     if run_dir is not None:
         optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)
         bookkeeping.load_checkpoint(policy.pipe, optimizer, common.make_scaler(args.device, args.mixed_precision),
