@@ -1,0 +1,125 @@
+"""The exercises' grader (tutorials/exercises), graded itself: it gives every point to the reference solutions,
+none to the untouched stubs (each check failing on NotImplementedError, not on a crash of the grader), fails every
+find-the-bug variant as handed out, and names the mistake in near-miss answers. Run in subprocesses, as a student
+or an autograder runs it: `python -m pytest tutorials/exercises --grades grades.json`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+EXERCISES = os.path.join(ROOT, "tutorials", "exercises")
+
+
+def grade(tmp_path, graded, *paths):
+    """Run the grader on `graded` (student, solutions or a folder) and return its JSON summary."""
+    out = tmp_path / f"grades-{len(os.listdir(tmp_path))}.json"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--grades", str(out),
+                           *(paths or [EXERCISES])], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "EXERCISES_GRADE": graded})
+    assert out.exists(), f"the grader wrote no summary:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
+    with open(out) as f:
+        return json.load(f), done
+
+
+def checks(summary):
+    return {c["check"]: c for e in summary["exercises"].values() for c in e["checks"]}
+
+
+def test_the_untouched_stubs_get_no_point_each_check_failing_on_not_implemented_and_every_bug_is_caught(tmp_path):
+    summary, done = grade(tmp_path, "student", os.path.join(EXERCISES, "test_exercises.py"),
+                          os.path.join(EXERCISES, "test_bugs.py"), os.path.join(EXERCISES, "test_capstone.py"))
+    assert done.returncode == 1 and summary["points"] == 0 and summary["out_of"] >= 40
+    assert "points (student)" in done.stdout  # the table a student reads
+    for name, check in checks(summary).items():
+        assert not check["passed"], name
+        if name in checks_of(EXERCISES, "test_bugs.py"):
+            assert "NotImplementedError" not in check["message"] and check["message"], (name, check["message"])
+        else:
+            assert check["message"].startswith("NotImplementedError"), (name, check["message"])
+    assert len(checks_of(EXERCISES, "test_bugs.py")) == 6
+
+
+def checks_of(folder, test_file):
+    with open(os.path.join(folder, test_file)) as f:
+        return [line.split("(")[0][4:] for line in f if line.startswith("def test_")]
+
+
+@pytest.mark.slow
+def test_the_reference_solutions_get_every_point_and_the_capstone_learns(tmp_path):
+    summary, done = grade(tmp_path, "solutions")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert summary["points"] == summary["out_of"] >= 40
+    capstone = checks(summary)["test_your_d3po_loss_raises_the_toy_objective"]
+    assert capstone["area_rise"] > 2 * capstone["standard_error"] > 0
+    print(f"capstone with the reference D3PO loss: area {capstone['area_rise']:+.1f} +- {capstone['standard_error']}")
+
+
+# near misses: the reference solution with one thing wrong, and a word the grader's message must contain
+NEAR_MISSES = [
+    [("ddim_log_prob", "not the sum", """
+def ddim_log_prob(prev_sample, mean, std):
+    log_density = torch.distributions.Normal(mean, std).log_prob(prev_sample.detach())
+    return log_density.sum(dim=(1, 2, 3))
+"""), ("per_prompt_advantages", "whole batch", """
+def per_prompt_advantages(stats, prompts, rewards, buffer_size, min_count):
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    return ((r - r.mean()) / (r.std(unbiased=False) + 1e-6)).float()
+"""), ("ddpo_clipped_loss", "pessimistic", """
+def ddpo_clipped_loss(log_probs, old_log_probs, advantages, clip_range):
+    ratio = torch.exp(log_probs - old_log_probs)
+    return torch.minimum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+"""), ("d3po_loss", "no beta", """
+def d3po_loss(log_probs, ref_log_probs, beta, ratio_clip):
+    return project_d3po_loss(log_probs, ref_log_probs, 1.0, ratio_clip)[0]
+"""), ("rdp_loss", "MEAN", """
+def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
+    T = log_ratio.shape[1]
+    return project_rdp_loss(log_ratio * T, old_log_ratio * T, rewards, pairs, beta, clip_eps * T)[0]
+"""), ("ddim_step_mean_std", "multiply by eta", """
+_right_step = ddim_step_mean_std
+def ddim_step_mean_std(alphas_cumprod, final_alpha_cumprod, step_ratio, model_output, timestep, sample, eta):
+    mean, std = _right_step(alphas_cumprod, final_alpha_cumprod, step_ratio, model_output, timestep, sample, eta)
+    return mean, std / eta
+"""), ("two_pass_backward", "4 calls without a graph", """
+def two_pass_backward(step_log_prob, num_steps, loss_fn):
+    loss = loss_fn(torch.stack([step_log_prob(s) for s in range(num_steps)], 1))
+    loss.backward()
+    return loss
+""")],
+    [("d3po_loss", "swapped", """
+def d3po_loss(log_probs, ref_log_probs, beta, ratio_clip):
+    return project_d3po_loss(log_probs.flip(1), ref_log_probs.flip(1), beta, ratio_clip)[0]
+"""), ("rdp_loss", "no beta", """
+def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
+    return project_rdp_loss(log_ratio, old_log_ratio, rewards, pairs, 1.0, clip_eps)[0]
+"""), ("ddim_step_mean_std", "deterministic", """
+_right_step = ddim_step_mean_std
+def ddim_step_mean_std(alphas_cumprod, final_alpha_cumprod, step_ratio, model_output, timestep, sample, eta):
+    _, std = _right_step(alphas_cumprod, final_alpha_cumprod, step_ratio, model_output, timestep, sample, eta)
+    mean, _ = _right_step(alphas_cumprod, final_alpha_cumprod, step_ratio, model_output, timestep, sample, 1e-12)
+    return mean, std
+""")],
+]
+
+
+@pytest.mark.parametrize("group", range(len(NEAR_MISSES)))
+def test_a_near_miss_fails_with_a_message_that_points_at_the_mistake(tmp_path, group):
+    folder = tmp_path / "near-miss"
+    folder.mkdir()
+    with open(os.path.join(EXERCISES, "solutions", "exercises.py")) as f:
+        source = f.read()
+    misses = NEAR_MISSES[group]
+    (folder / "exercises.py").write_text(source + "".join(code for _, _, code in misses))
+    shutil.copy(os.path.join(EXERCISES, "solutions", "bugs.py"), folder / "bugs.py")
+    summary, _ = grade(tmp_path, str(folder), os.path.join(EXERCISES, "test_exercises.py"))
+    failed = [c for c in checks(summary).values() if not c["passed"]]
+    for function, word, _ in misses:
+        assert any(word in c["message"] for c in failed), \
+            f"a near miss in {function} was not named ('{word}'): {[c['message'] for c in failed]}"
+    passed = {e: v["points"] == v["out_of"] for e, v in summary["exercises"].items()}
+    assert not all(passed.values())
