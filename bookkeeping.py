@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from common import UserError
-from rewards import to_uint8
+from rewards import MIXES, to_uint8
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))
 
@@ -268,6 +268,8 @@ def epoch_metrics(epoch, rewards, info, sample_timer, train_timer, reward=""):
         row.update(reward_mean=float(rewards[:, 0].mean()), reward_std=float(rewards[:, 0].std(correction=0)))
         if rewards.shape[1] > 1:
             row.update({f"{name}_mean": float(m) for name, m in zip(reward.split(","), rewards.mean(0))})
+        for name in reward.split(","):  # a weighted mix: each part's mean over the last images it scored
+            row.update({f"{part}_mean": m for part, m in getattr(MIXES.get(name), "last_means", {}).items()})
     row.update({k: float(np.mean(v)) if v else float("nan") for k, v in info.items()})
     row.update(sample_seconds=sample_timer.seconds, train_seconds=train_timer.seconds,
                seconds=sample_timer.seconds + train_timer.seconds)

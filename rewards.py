@@ -1,11 +1,14 @@
 """Rewards: r(x_0, c) for a batch of images and their prompts, by the name a user gives with --reward.
 
 A reward is a function f(images, prompts) of images as a float tensor (B, 3, H, W) in [0, 1] and their B prompts,
-returning B numbers (higher is better). Give one by name (REWARDS below) or your own as `module:function`.
+returning B numbers (higher is better). Give one by name (REWARDS below), a weighted mix of them
+("0.7*pickscore+0.3*aesthetic"), or your own as `module:function`.
 """
+import functools
 import importlib
 import io
 import os
+import re
 import sys
 
 import numpy as np
@@ -40,16 +43,175 @@ def jpeg_incompressibility(images, prompts):
     return jpeg_kb(images)
 
 
+# ---- Learned rewards: CLIP models from the Hugging Face Hub, each loaded once per run ---------------------------------
+
+# where each model comes from: a hub id, or "hub id:file" for a single file. An environment variable of the same
+# name points it at a local copy instead (a directory saved with save_pretrained, or the file): README.md, "Rewards"
+SOURCES = {"REWARD_AESTHETIC_CLIP": "openai/clip-vit-large-patch14",
+           "REWARD_AESTHETIC_HEAD": "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
+           "REWARD_CLIP_SCORE_MODEL": "openai/clip-vit-large-patch14",
+           "REWARD_PICKSCORE_MODEL": "yuvalkirstain/PickScore_v1",
+           "REWARD_PICKSCORE_PROCESSOR": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+
+
+def source(key):
+    return os.environ.get(key) or SOURCES[key]
+
+
+def loading(key, load):
+    """Run load(where) on the source of `key`; a failure is one sentence that says how to fix it."""
+    where = source(key)
+    try:
+        return load(where)
+    except Exception as e:  # transformers and huggingface_hub raise OSError, ValueError or their own errors
+        raise UserError(f"could not load the reward model {where!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        f"); download it once with network (README.md, \"Rewards\"), or set {key} to a local copy.")
+
+
+def load_clip(model_key, processor_key, device):
+    """A CLIP model, frozen, in half precision on a GPU, and its processor: loaded once per run and device."""
+    return _load_clip(model_key, processor_key, device, source(model_key), source(processor_key))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_clip(model_key, processor_key, device, *sources):  # (the sources are in the cache's key)
+    from transformers import AutoProcessor, CLIPModel
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    print(f"loading the reward model {source(model_key)} (the first time, the hub downloads it)", flush=True)
+    model = loading(model_key, lambda where: CLIPModel.from_pretrained(where, dtype=dtype))
+    processor = loading(processor_key, AutoProcessor.from_pretrained)
+    return model.to(device).eval().requires_grad_(False), processor
+
+
+class AestheticHead(torch.nn.Module):
+    """The LAION aesthetic predictor v2's head: linear layers 768-1024-128-64-16-1 (dropout between, inactive in
+    eval; no activations), on the L2-normalised CLIP ViT-L/14 image embedding (DDPO Sec. 6.1)."""
+    def __init__(self):
+        super().__init__()
+        drop = torch.nn.Dropout
+        self.layers = torch.nn.Sequential(torch.nn.Linear(768, 1024), drop(0.2), torch.nn.Linear(1024, 128), drop(0.2),
+                                          torch.nn.Linear(128, 64), drop(0.1), torch.nn.Linear(64, 16),
+                                          torch.nn.Linear(16, 1))
+
+    def forward(self, embeds):
+        return self.layers(embeds)
+
+
+def load_aesthetic_head(device):
+    """The head's weights: a plain state dict, read with weights_only=True (no code is unpickled)."""
+    return _load_aesthetic_head(device, source("REWARD_AESTHETIC_HEAD"))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_aesthetic_head(device, _source):
+    def load(where):
+        if not os.path.isfile(where):
+            from huggingface_hub import hf_hub_download
+            repo, filename = where.split(":")
+            where = hf_hub_download(repo, filename)
+        head = AestheticHead()
+        head.load_state_dict(torch.load(where, map_location="cpu", weights_only=True))
+        return head
+    return loading("REWARD_AESTHETIC_HEAD", load).to(device).eval().requires_grad_(False)
+
+
+def clip_pixels(images, processor, dtype):
+    """Images (B, 3, H, W) in [0, 1] -> the model's pixel_values, in torch on the images' device: the shortest side
+    resized as the processor says (bicubic), the centre cropped, normalised with the processor's mean and std."""
+    config = processor.image_processor
+    short, (crop_h, crop_w) = config.size["shortest_edge"], (config.crop_size["height"], config.crop_size["width"])
+    h, w = images.shape[-2:]
+    size = (max(crop_h, round(h * short / min(h, w))), max(crop_w, round(w * short / min(h, w))))
+    x = torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", antialias=True).clamp(0, 1)
+    top, left = (size[0] - crop_h) // 2, (size[1] - crop_w) // 2
+    x = x[..., top:top + crop_h, left:left + crop_w]
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (config.image_mean, config.image_std))
+    return ((x - mean) / std).to(dtype)
+
+
+def clip_embeddings(model, processor, images, prompts=None):
+    """L2-normalised CLIP image embeddings (B, D) and, with prompts, text embeddings (B, D), in float32."""
+    image = model.visual_projection(model.vision_model(pixel_values=clip_pixels(images, processor, model.dtype))
+                                    .pooler_output).float()
+    if prompts is None:
+        return image / image.norm(dim=-1, keepdim=True), None
+    tokens = processor.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(images.device)
+    text = model.text_projection(model.text_model(**tokens).pooler_output).float()
+    return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+
+
+def in_batches(score, images, prompts, batch_size=32):
+    """score(images, prompts) -> (b,) applied batch by batch, without gradients: (B,) on the CPU."""
+    with torch.no_grad():
+        return torch.cat([score(images[i:i + batch_size], prompts[i:i + batch_size]).cpu()
+                          for i in range(0, len(images), batch_size)])
+
+
+def aesthetic(images, prompts):
+    """The LAION aesthetic predictor v2 (DDPO Sec. 6.1, D3PO): AestheticHead on the normalised CLIP ViT-L/14 image
+    embedding, about 1 to 10."""
+    model, processor = load_clip("REWARD_AESTHETIC_CLIP", "REWARD_AESTHETIC_CLIP", str(images.device))
+    head = load_aesthetic_head(str(images.device))
+    return in_batches(lambda x, p: head(clip_embeddings(model, processor, x)[0]).squeeze(1), images, prompts)
+
+
+def clip_score(images, prompts):
+    """CLIP score: 100 x the cosine of the CLIP ViT-L/14 image and prompt embeddings."""
+    model, processor = load_clip("REWARD_CLIP_SCORE_MODEL", "REWARD_CLIP_SCORE_MODEL", str(images.device))
+    return in_batches(lambda x, p: 100 * (lambda i, t: (i * t).sum(-1))(*clip_embeddings(model, processor, x, p)),
+                      images, prompts)
+
+
+def pickscore(images, prompts):
+    """PickScore v1 (PRDP's evaluation): CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences; its logit scale (about
+    100) x the cosine of the image and prompt embeddings."""
+    model, processor = load_clip("REWARD_PICKSCORE_MODEL", "REWARD_PICKSCORE_PROCESSOR", str(images.device))
+    scale = model.logit_scale.exp().float()
+    return in_batches(lambda x, p: scale * (lambda i, t: (i * t).sum(-1))(*clip_embeddings(model, processor, x, p)),
+                      images, prompts)
+
+
 # name -> a function, or the module:function of one imported when first asked for (the shapes world's rewards
 # live with the world, in tutorials/shapes_world.py)
 REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
+           "aesthetic": aesthetic, "clip_score": clip_score, "pickscore": pickscore,
            "shapes_alignment": "tutorials.shapes_world:shapes_alignment",
            "shapes_correct": "tutorials.shapes_world:shapes_correct",
            "shape_area": "tutorials.shapes_world:shape_area"}
 
+MIX_TERM = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*\*\s*([\w.:]+)\s*$")
+
+
+def mix(name):
+    """A weighted sum of rewards, "0.7*pickscore+0.3*aesthetic" (as PRDP trains on): a reward function whose
+    `last_means` holds each part's mean over the last images it scored (logged as <part>_mean)."""
+    weights = {}
+    for term in name.split("+"):
+        found = MIX_TERM.match(term)
+        if not found:
+            raise UserError(f"--reward {name!r}: {term.strip()!r} is not weight*reward; write a mix as "
+                            f"0.7*pickscore+0.3*aesthetic.")
+        weights[found.group(2)] = weights.get(found.group(2), 0.0) + float(found.group(1))
+    parts = {part: get_reward_fn(part) for part in weights}
+
+    def mixed(images, prompts):
+        scores = {part: compute_rewards(fn, images, prompts) for part, fn in parts.items()}
+        mixed.last_means = {part: float(s.double().mean()) for part, s in scores.items()}
+        return sum(weights[part] * s for part, s in scores.items())
+    mixed.__name__, mixed.last_means = name, {}
+    return mixed
+
+
+MIXES = {}  # mix string -> its reward function, one per run, so that its parts' means can be logged
+
 
 def get_reward_fn(name):
-    """A reward by name, or 'module:function' for your own: fn(images (B,3,H,W) in [0,1], prompts) -> (B,)."""
+    """A reward by name, a weighted mix, or 'module:function' for your own: fn(images (B,3,H,W) in [0,1], prompts)
+    -> (B,)."""
+    if "*" in name:
+        if name not in MIXES:
+            MIXES[name] = mix(name)
+        return MIXES[name]
     fn = REWARDS.get(name, name)
     if callable(fn):
         return fn

@@ -2,9 +2,10 @@
 
     python benchmarks/speed.py                     # ddpo.py, 3 epochs, 20 steps, 32 px
     python benchmarks/speed.py --algorithm prdp --steps 50 --epochs 5
+    python benchmarks/speed.py --reward aesthetic  # a learned reward, on tiny stand-ins of its models
 
 For each phase it prints seconds per epoch and how many UNet calls were made against the fewest the
-algorithm needs (see minimum_calls).
+algorithm needs (see minimum_calls), and the seconds the reward took, part of the sampling phase's.
 """
 import argparse
 import contextlib
@@ -98,18 +99,31 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--reward", default="jpeg_compressibility",
+                        help="a reward or mix; learned ones run on tiny random models of their architecture")
     opts = parser.parse_args()
     module = __import__(opts.algorithm)
     with tempfile.TemporaryDirectory() as tmp:
-        from tiny_pipeline import make_tiny_pipeline
+        from tiny_pipeline import make_tiny_pipeline, make_tiny_reward_models
         model = make_tiny_pipeline(os.path.join(tmp, "tiny"), resolution=opts.resolution)
+        for key, where in make_tiny_reward_models(os.path.join(tmp, "rewards")).items():
+            os.environ.setdefault(key, where)  # (a copy of the real model named in the environment still wins)
+        reward_seconds, compute_rewards = [], module.compute_rewards
+
+        def timed_rewards(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return compute_rewards(*args, **kwargs)
+            finally:
+                reward_seconds.append(time.perf_counter() - start)
+        module.compute_rewards = timed_rewards
         prompts = os.path.join(tmp, "prompts.txt")
         with open(prompts, "w") as f:
             f.write("a cat\na dog\na photo of a horse\n")
         argv = ["--model", model, "--prompt-file", prompts, "--output-dir", os.path.join(tmp, "run"),
                 "--num-epochs", str(opts.epochs), "--resolution", str(opts.resolution), "--num-steps", str(opts.steps),
                 "--sample-batch-size", "8", "--sample-batches-per-epoch", "2", "--train-batch-size", "4",
-                "--gradient-accumulation-steps", "2", "--device", "cpu"]
+                "--gradient-accumulation-steps", "2", "--device", "cpu", "--reward", opts.reward]
         if opts.algorithm == "prdp":
             argv += ["--images-per-prompt", "4", "--grad-steps-per-epoch", "2"]
         start = time.perf_counter()
@@ -131,6 +145,8 @@ def main():
     print(f"{'training':<11}{per_epoch('train_seconds'):>10.2f}{counts['train'] / opts.epochs:>20.0f}"
           f"{minimum['train'] / opts.epochs:>10.0f}")
     print(f"{'other':<11}{'':>10}{counts.get('other', 0) / opts.epochs:>20.0f}{0:>10}")
+    print(f"reward {opts.reward}: {sum(reward_seconds) / opts.epochs:.2f} s/epoch of the sampling phase's "
+          f"{per_epoch('sample_seconds'):.2f}")
 
 
 if __name__ == "__main__":

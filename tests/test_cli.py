@@ -73,6 +73,8 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
         "missing prompt file": (base + ["--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
         "empty prompt file": (base + ["--prompt-file", str(empty)], "has no prompts"),
         "unknown reward": (base + ["--reward", "beauty"], "unknown reward 'beauty'; known rewards are"),
+        "bad reward mix": (base + ["--reward", "0.7*aesthetic+0.3"], "'0.3' is not weight*reward"),
+        "mix of an unknown reward": (base + ["--reward", "0.5*beauty+0.5*aesthetic"], "unknown reward 'beauty'"),
         "eta zero": (base + ["--eta", "0"], "--eta must be in (0, 1]"),
         "train batch does not divide": (base + ["--sample-batch-size", "6", "--train-batch-size", "4"],
                                         "must divide --sample-batch-size"),

@@ -45,6 +45,35 @@ def make_tiny_pipeline(path, resolution=32, seed=0, prediction_type="epsilon"):
     return path
 
 
+def make_tiny_reward_models(path, seed=0):
+    """Tiny stand-ins for the learned rewards' models, saved where the REWARD_* environment variables can point
+    (rewards.SOURCES): a CLIP with a projection of ViT-L/14's width (768) and its processor, and a random aesthetic
+    head saved as a plain state dict. Returns {environment variable: local copy}."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from rewards import AestheticHead
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(os.path.join(path, "tokenizer"), WORDS)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=tokenizer.model_max_length,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id),
+                        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                                           num_hidden_layers=2, num_attention_heads=4),
+                        projection_dim=768, logit_scale_init_value=4.0)
+    clip = os.path.join(path, "clip")
+    CLIPModel(config).save_pretrained(clip)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip)
+    head = AestheticHead()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(head.state_dict(), os.path.join(path, "aesthetic-model.pth"))
+    return {"REWARD_AESTHETIC_CLIP": clip, "REWARD_AESTHETIC_HEAD": os.path.join(path, "aesthetic-model.pth"),
+            "REWARD_CLIP_SCORE_MODEL": clip, "REWARD_PICKSCORE_MODEL": clip, "REWARD_PICKSCORE_PROCESSOR": clip}
+
+
 if __name__ == "__main__":
     import sys
     print(make_tiny_pipeline(sys.argv[1] if len(sys.argv) > 1 else "tiny-sd"))
