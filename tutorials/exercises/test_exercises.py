@@ -40,40 +40,41 @@ def student_step(ex, scheduler, eps, t, x, eta):
     return mean, torch.as_tensor(std).expand_as(mean)
 
 
+def step_cases(scheduler, seed):
+    """(eps, t, x_t, eta) for every step but the last, at eta 1 and 0.5, on random eps and x_t."""
+    g = torch.Generator().manual_seed(seed)
+    eps, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    return [(eps, t, x, eta) for t in scheduler.timesteps[:-1] for eta in (1.0, 0.5)]
+
+
 # ---- 1. The DDIM step -------------------------------------------------------------------------------------------------
 
 @pytest.mark.points("1. DDIM step: mean and std", 2)
 def test_the_step_s_mean_is_diffusers(ex, scheduler):
-    g = torch.Generator().manual_seed(0)
-    eps, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    for t in scheduler.timesteps[:-1]:
-        for eta in (1.0, 0.5):
-            mean, _ = student_step(ex, scheduler, eps, t, x, eta)
-            expected, _ = diffusers_mean_std(scheduler, eps, t, x, eta)
-            if not close(mean, expected):
-                deterministic, _ = diffusers_mean_std(scheduler, eps, t, x, 0.0)
-                assert not close(mean, deterministic), (
-                    f"at timestep {int(t)}, eta {eta} your mean is the deterministic step's: the eps coefficient is "
-                    f"sqrt(1 - abar_prev - sigma_t^2), sigma_t included")
-                assert False, f"at timestep {int(t)}, eta {eta} your mean differs from diffusers' DDIMScheduler.step " \
-                              f"(largest difference {float((mean - expected).abs().max()):.3g})"
+    for eps, t, x, eta in step_cases(scheduler, 0):
+        mean, _ = student_step(ex, scheduler, eps, t, x, eta)
+        expected, _ = diffusers_mean_std(scheduler, eps, t, x, eta)
+        if not close(mean, expected):
+            deterministic, _ = diffusers_mean_std(scheduler, eps, t, x, 0.0)
+            assert not close(mean, deterministic), (
+                f"at timestep {int(t)}, eta {eta} your mean is the deterministic step's: the eps coefficient is "
+                f"sqrt(1 - abar_prev - sigma_t^2), sigma_t included")
+            assert False, f"at timestep {int(t)}, eta {eta} your mean differs from diffusers' DDIMScheduler.step " \
+                          f"(largest difference {float((mean - expected).abs().max()):.3g})"
 
 
 @pytest.mark.points("1. DDIM step: mean and std", 2)
 def test_the_step_s_std_is_diffusers(ex, scheduler):
-    g = torch.Generator().manual_seed(1)
-    eps, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    for t in scheduler.timesteps[:-1]:
-        for eta in (1.0, 0.5):
-            _, std = student_step(ex, scheduler, eps, t, x, eta)
-            _, expected = diffusers_mean_std(scheduler, eps, t, x, eta)
-            s = float(std.flatten()[0])
-            assert not math.isclose(s, float(expected) / eta, rel_tol=1e-4) or eta == 1.0, \
-                f"at eta {eta} your std is eta = 1's: sigma_t = eta sqrt(...), multiply by eta"
-            assert not math.isclose(s, float(expected) ** 2, rel_tol=1e-4), \
-                f"at timestep {int(t)} your std is the variance sigma_t^2: take its square root"
-            assert close(std, expected.expand_as(std)), \
-                f"at timestep {int(t)}, eta {eta} your std is {s:.6g}; diffusers' step adds {float(expected):.6g} z"
+    for eps, t, x, eta in step_cases(scheduler, 1):
+        _, std = student_step(ex, scheduler, eps, t, x, eta)
+        _, expected = diffusers_mean_std(scheduler, eps, t, x, eta)
+        s = float(std.flatten()[0])
+        assert not math.isclose(s, float(expected) / eta, rel_tol=1e-4) or eta == 1.0, \
+            f"at eta {eta} your std is eta = 1's: sigma_t = eta sqrt(...), multiply by eta"
+        assert not math.isclose(s, float(expected) ** 2, rel_tol=1e-4), \
+            f"at timestep {int(t)} your std is the variance sigma_t^2: take its square root"
+        assert close(std, expected.expand_as(std)), \
+            f"at timestep {int(t)}, eta {eta} your std is {s:.6g}; diffusers' step adds {float(expected):.6g} z"
 
 
 @pytest.mark.points("1. DDIM step: mean and std", 1)

