@@ -43,7 +43,7 @@ def jpeg_incompressibility(images, prompts):
     return jpeg_kb(images)
 
 
-# ---- Learned rewards: CLIP models from the Hugging Face Hub, each loaded once per run ---------------------------------
+# ---- Learned rewards: CLIP models from the Hugging Face Hub, each loaded once per run --------------------------------
 
 # where each model comes from: a hub id, or "hub id:file" for a single file. An environment variable of the same
 # name points it at a local copy instead (a directory saved with save_pretrained, or the file): README.md, "Rewards"
@@ -64,8 +64,9 @@ def loading(key, load):
     try:
         return load(where)
     except Exception as e:  # transformers and huggingface_hub raise OSError, ValueError or their own errors
-        raise UserError(f"could not load the reward model {where!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                        f"); download it once with network (README.md, \"Rewards\"), or set {key} to a local copy.")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load the reward model {where!r} ({why}); download it once with network "
+                        f"(README.md, \"Rewards\"), or set {key} to a local copy.")
 
 
 def load_clip(model_key, processor_key, device):
@@ -140,6 +141,12 @@ def clip_embeddings(model, processor, images, prompts=None):
     return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
 
 
+def cosine(model, processor, images, prompts):
+    """The cosine of each image's CLIP embedding and its prompt's, (B,)."""
+    image, text = clip_embeddings(model, processor, images, prompts)
+    return (image * text).sum(-1)
+
+
 def in_batches(score, images, prompts, batch_size=32):
     """score(images, prompts) -> (b,) applied batch by batch, without gradients: (B,) on the CPU."""
     with torch.no_grad():
@@ -158,8 +165,7 @@ def aesthetic(images, prompts):
 def clip_score(images, prompts):
     """CLIP score: 100 x the cosine of the CLIP ViT-L/14 image and prompt embeddings."""
     model, processor = load_clip("REWARD_CLIP_SCORE_MODEL", "REWARD_CLIP_SCORE_MODEL", str(images.device))
-    return in_batches(lambda x, p: 100 * (lambda i, t: (i * t).sum(-1))(*clip_embeddings(model, processor, x, p)),
-                      images, prompts)
+    return in_batches(lambda x, p: 100 * cosine(model, processor, x, p), images, prompts)
 
 
 def pickscore(images, prompts):
@@ -167,8 +173,7 @@ def pickscore(images, prompts):
     100) x the cosine of the image and prompt embeddings."""
     model, processor = load_clip("REWARD_PICKSCORE_MODEL", "REWARD_PICKSCORE_PROCESSOR", str(images.device))
     scale = model.logit_scale.exp().float()
-    return in_batches(lambda x, p: scale * (lambda i, t: (i * t).sum(-1))(*clip_embeddings(model, processor, x, p)),
-                      images, prompts)
+    return in_batches(lambda x, p: scale * cosine(model, processor, x, p), images, prompts)
 
 
 # name -> a function, or the module:function of one imported when first asked for (the shapes world's rewards

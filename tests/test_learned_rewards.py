@@ -100,8 +100,8 @@ def test_each_script_trains_an_epoch_on_the_aesthetic_score(module, reward_model
     flags = {"d3po": [], "ddpo": [], "prdp": ["--images-per-prompt", "2"]}[module.__name__]
     reward = "aesthetic" if module is not ddpo else "0.5*aesthetic+0.5*clip_score"
     module.main(["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(tmp_path / "run"),
-                 "--num-epochs", "1", "--num-steps", "2", "--resolution", "32", "--sample-batch-size", "4", "--sample-batches-per-epoch",
-                 "1", "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--device", "cpu",
+                 "--num-epochs", "1", "--num-steps", "2", "--resolution", "32", "--sample-batch-size", "4",
+                 "--sample-batches-per-epoch", "1", "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--device", "cpu",
                  "--reward", reward, *flags])
     row = bookkeeping.read_metrics(str(tmp_path / "run"))[0]
     assert row["epoch"] == 0 and torch.isfinite(torch.tensor(row["reward_mean"]))

@@ -45,7 +45,8 @@ def save_lora(unet, directory):
     from safetensors.torch import save_file
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     os.makedirs(directory, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in layers.items()}, os.path.join(directory, "pytorch_lora_weights.safetensors"))
+    path = os.path.join(directory, "pytorch_lora_weights.safetensors")
+    save_file({k: v.contiguous() for k, v in layers.items()}, path)
 
 
 def normalised_advantages(stats, prompts, rewards, buffer_size, min_count):

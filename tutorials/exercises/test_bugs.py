@@ -37,7 +37,8 @@ def test_every_process_holds_the_average_gradient(bugs_file):
     for (out, err), p in zip(outs, procs):
         assert p.returncode == 0, f"a process failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}"
         got = eval(out.strip().splitlines()[-1])
-        assert got == [1.5] * 3, f"with gradients 1 and 2 on two processes each must hold their average 1.5; got {got[0]}"
+        assert got == [1.5] * 3, \
+            f"with gradients 1 and 2 on two processes each must hold their average 1.5; got {got[0]}"
 
 
 @pytest.mark.points("8. Find the bug: D3PO's ratio clamp", 1)

@@ -47,7 +47,7 @@ def step_cases(scheduler, seed):
     return [(eps, t, x, eta) for t in scheduler.timesteps[:-1] for eta in (1.0, 0.5)]
 
 
-# ---- 1. The DDIM step -------------------------------------------------------------------------------------------------
+# ---- 1. The DDIM step ------------------------------------------------------------------------------------------------
 
 @pytest.mark.points("1. DDIM step: mean and std", 2)
 def test_the_step_s_mean_is_diffusers(ex, scheduler):
@@ -99,7 +99,8 @@ def test_the_log_prob_is_torch_distributions_mean_over_elements(ex):
                                                f"{tuple(torch.as_tensor(got).shape)}"
     elements = 4 * 8 * 8
     assert not close(got, expected * elements), \
-        f"your log-prob is {elements} (= C x H x W) times too large: take the mean over the latent elements, not the sum"
+        f"your log-prob is {elements} (= C x H x W) times too large: take the mean over the latent elements, " \
+        f"not the sum"
     assert close(got, expected), "your log-prob differs from torch.distributions.Normal(mean, std).log_prob(x) " \
                                  "averaged over C, H, W"
 
@@ -114,7 +115,7 @@ def test_the_gradient_flows_to_the_mean_not_to_the_sample(ex):
         "a gradient reached prev_sample: the action taken is data, detach it"
 
 
-# ---- 3. DDPO ----------------------------------------------------------------------------------------------------------
+# ---- 3. DDPO ---------------------------------------------------------------------------------------------------------
 
 def slow_advantages(history, prompts, rewards, buffer_size, min_count):
     """The per-prompt stat tracker, a sample at a time: `history` is every earlier batch (prompts, rewards)."""
@@ -194,7 +195,7 @@ def test_the_gradient_vanishes_once_the_ratio_has_moved_the_way_its_advantage_wa
                                           f"{grad} (is the clip on the wrong side?)"
 
 
-# ---- 5. D3PO ----------------------------------------------------------------------------------------------------------
+# ---- 5. D3PO ---------------------------------------------------------------------------------------------------------
 
 def slow_d3po(log_probs, ref, beta, eps):
     losses = []
@@ -250,7 +251,7 @@ def test_the_clamp_stops_the_gradient_outside_its_band(ex):
                             "[1 - eps, 1 + eps], not the log-ratio to [-eps, eps])"
 
 
-# ---- 6. PRDP ----------------------------------------------------------------------------------------------------------
+# ---- 6. PRDP ---------------------------------------------------------------------------------------------------------
 
 def slow_rdp(log_ratio, old, rewards, pairs, beta, eps):
     losses = []
