@@ -176,6 +176,25 @@ def pickscore(images, prompts):
     return in_batches(lambda x, p: scale * cosine(model, processor, x, p), images, prompts)
 
 
+# the models each learned reward needs (SOURCES' keys): checked when the reward is named, before any work
+NEEDS = {aesthetic: ("REWARD_AESTHETIC_CLIP", "REWARD_AESTHETIC_HEAD"), clip_score: ("REWARD_CLIP_SCORE_MODEL",),
+         pickscore: ("REWARD_PICKSCORE_MODEL", "REWARD_PICKSCORE_PROCESSOR")}
+
+
+def check_reachable(key):
+    """Fail now, not after an epoch of sampling, if a model can be neither found locally nor fetched: a local copy
+    must exist; a hub model's small files (its configs, or the head's file) come from the cache or the hub."""
+    def fetch(where):
+        if os.path.exists(where) or where.startswith((".", "/", "~")):
+            if not os.path.exists(where):
+                raise FileNotFoundError(f"{where} does not exist")
+            return
+        from huggingface_hub import hf_hub_download, snapshot_download
+        repo, _, filename = where.partition(":")
+        hf_hub_download(repo, filename) if filename else snapshot_download(repo, allow_patterns=["*.json"])
+    loading(key, fetch)
+
+
 # name -> a function, or the module:function of one imported when first asked for (the shapes world's rewards
 # live with the world, in tutorials/shapes_world.py)
 REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
@@ -219,6 +238,8 @@ def get_reward_fn(name):
         return MIXES[name]
     fn = REWARDS.get(name, name)
     if callable(fn):
+        for key in NEEDS.get(fn, ()):
+            check_reachable(key)
         return fn
     if ":" not in fn:
         raise UserError(f"unknown reward {name!r}; known rewards are {', '.join(sorted(REWARDS))}, "

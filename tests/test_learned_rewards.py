@@ -93,6 +93,25 @@ def test_a_reward_model_that_cannot_be_loaded_says_which_variable_points_at_a_lo
     monkeypatch.setenv("REWARD_CLIP_SCORE_MODEL", str(tmp_path / "no-such-model"))
     with pytest.raises(rewards.UserError, match="set REWARD_CLIP_SCORE_MODEL to a local copy"):
         rewards.clip_score(*images_and_prompts())
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("REWARD_CLIP_SCORE_MODEL", str(tmp_path / "empty"))  # there, but no model in it
+    with pytest.raises(rewards.UserError, match="set REWARD_CLIP_SCORE_MODEL to a local copy"):
+        rewards.clip_score(*images_and_prompts())
+
+
+@pytest.mark.parametrize("name, key", [("aesthetic", "REWARD_AESTHETIC_HEAD"), ("pickscore", "REWARD_PICKSCORE_MODEL"),
+                                       ("0.5*clip_score+0.5*aesthetic", "REWARD_CLIP_SCORE_MODEL")])
+def test_an_unreachable_reward_model_is_refused_when_the_reward_is_named(reward_models, monkeypatch, tmp_path, name,
+                                                                        key):
+    """Before any model loads or any image is sampled: offline (the tests' HF_HUB_OFFLINE=1) and uncached, or a
+    local copy that is not there."""
+    assert rewards.get_reward_fn(name.split("*")[-1]) is not None  # the tiny copies are reachable
+    monkeypatch.setenv(key, str(tmp_path / "missing"))
+    with pytest.raises(rewards.UserError, match=f"set {key} to a local copy"):
+        rewards.get_reward_fn(name)
+    monkeypatch.setenv(key, "someone/not-cached-model")
+    with pytest.raises(rewards.UserError, match="could not load the reward model 'someone/not-cached-model'"):
+        rewards.get_reward_fn(name)
 
 
 @pytest.mark.parametrize("module", [ddpo, d3po, prdp])
