@@ -56,8 +56,8 @@ def load_trained(args, run_dir=None, reference=False):
 def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT, kl=False):
     """On the held-apart evaluation noise (drawn as common.evaluate draws it, in batches of 32, whatever the run's
     batch size): the run's own reward, alignment (soft x 100, and % fully right) and shape area (% of the image),
-    with their per-image values; also one image per prompt for the grids. kl=True (a policy loaded with
-    reference=True) adds KL(p_theta || p_ref) of each trajectory x_T..x_0 in nats, by the plain Monte Carlo
+    with their per-image values and every image ("images"); also one image per prompt for the grids. kl=True (a
+    policy loaded with reference=True) adds KL(p_theta || p_ref) of each trajectory x_T..x_0 in nats, by the plain Monte Carlo
     estimator "k1": its log-ratio sum_t log pi_theta / pi_ref on the policy's own samples (the per-element
     log-probs times the latent's C x h x w elements), and "kl_steps", each step's share averaged over samples."""
     policy.pipe.unet.eval()
@@ -69,7 +69,8 @@ def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT, kl=
     reward = compute_rewards(get_reward_fn(args.reward), images, eval_prompts)
     area = shape_area(images, eval_prompts)
     result = {"reward": float(reward.mean()), "alignment": 100 * float(soft.mean()), "per_image_alignment": soft,
-              "fully_right": 100 * float(hard.mean()), "area": 100 * float(area.mean()), "per_image_area": area}
+              "fully_right": 100 * float(hard.mean()), "area": 100 * float(area.mean()), "per_image_area": area,
+              "images": images}
     if kl:
         ref_log_probs = common.reference_log_probs(policy, samples, batched.sample_batch_size)
         log_ratio = (samples.log_probs - ref_log_probs).cpu().numpy() * samples.latents[0, 0].numel()  # (n, T)
