@@ -51,7 +51,9 @@ SOURCES = {"REWARD_AESTHETIC_CLIP": "openai/clip-vit-large-patch14",
            "REWARD_AESTHETIC_HEAD": "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
            "REWARD_CLIP_SCORE_MODEL": "openai/clip-vit-large-patch14",
            "REWARD_PICKSCORE_MODEL": "yuvalkirstain/PickScore_v1",
-           "REWARD_PICKSCORE_PROCESSOR": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+           "REWARD_PICKSCORE_PROCESSOR": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+           "REWARD_HPSV2_MODEL": "xswu/HPSv2:HPS_v2.1_compressed.pt",
+           "REWARD_HPSV2_CONFIG": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
 
 
 def source(key):
@@ -63,10 +65,21 @@ def loading(key, load):
     where = source(key)
     try:
         return load(where)
+    except UserError:
+        raise
     except Exception as e:  # transformers and huggingface_hub raise OSError, ValueError or their own errors
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"could not load the reward model {where!r} ({why}); download it once with network "
                         f"(README.md, \"Rewards\"), or set {key} to a local copy.")
+
+
+def hub_file(where):
+    """A local file, or "hub id:file" downloaded once into the Hugging Face cache: its path."""
+    if os.path.isfile(where):
+        return where
+    from huggingface_hub import hf_hub_download
+    repo, filename = where.split(":")
+    return hf_hub_download(repo, filename)
 
 
 def load_clip(model_key, processor_key, device):
@@ -106,14 +119,72 @@ def load_aesthetic_head(device):
 @functools.lru_cache(maxsize=None)
 def _load_aesthetic_head(device, _source):
     def load(where):
-        if not os.path.isfile(where):
-            from huggingface_hub import hf_hub_download
-            repo, filename = where.split(":")
-            where = hf_hub_download(repo, filename)
         head = AestheticHead()
-        head.load_state_dict(torch.load(where, map_location="cpu", weights_only=True))
+        head.load_state_dict(torch.load(hub_file(where), map_location="cpu", weights_only=True))
         return head
     return loading("REWARD_AESTHETIC_HEAD", load).to(device).eval().requires_grad_(False)
+
+
+def open_clip_to_transformers(state):
+    """An OpenCLIP CLIP's state dict -> the same network's in transformers' CLIPModel: renamed, each attention's
+    packed q, k, v projection split in three, the two projection matrices transposed into linear layers."""
+    names = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+             "positional_embedding": "text_model.embeddings.position_embedding.weight",
+             "ln_final": "text_model.final_layer_norm", "logit_scale": "logit_scale",
+             "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+             "visual.class_embedding": "vision_model.embeddings.class_embedding",
+             "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+             "visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
+             "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    out = {}
+    for key, value in state.items():
+        block = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)$", key)
+        if key in ("text_projection", "visual.proj"):   # used as x @ P: a linear layer's weight is P's transpose
+            out[{"text_projection": "text_projection.weight", "visual.proj": "visual_projection.weight"}[key]] = value.T
+        elif block and block[3] == "attn.in_proj":    # rows: q, then k, then v
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"{'vision' if block[1] else 'text'}_model.encoder.layers.{block[2]}.self_attn.{name}_proj."
+                    f"{block[4]}"] = part
+        elif block:
+            out[f"{'vision' if block[1] else 'text'}_model.encoder.layers.{block[2]}.{names.get(block[3], block[3])}"
+                f".{block[4]}"] = value
+        else:
+            stem, _, last = key.rpartition(".")
+            out[names[key] if key in names else f"{names.get(stem, stem)}.{last}"] = value
+    return out
+
+
+def load_hpsv2(device):
+    """HPS v2.1: OpenCLIP weights (read with weights_only=True) in transformers' CLIPModel, whose configuration,
+    tokenizer and image settings are those of the OpenCLIP ViT-H/14 it was fine-tuned from; once per run."""
+    return _load_hpsv2(device, source("REWARD_HPSV2_MODEL"), source("REWARD_HPSV2_CONFIG"))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_hpsv2(device, *sources):
+    import pickle
+
+    from transformers import AutoProcessor, CLIPConfig, CLIPModel
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    print(f"loading the reward model {sources[0]} (the first time, the hub downloads it)", flush=True)
+
+    def load(where):
+        try:
+            checkpoint = torch.load(hub_file(where), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{where!r} holds more than tensors, and the project does not unpickle code to read it; "
+                            f"give REWARD_HPSV2_MODEL a checkpoint of plain tensors.")
+        return {k: v.to(dtype) for k, v in open_clip_to_transformers(checkpoint.get("state_dict", checkpoint)).items()}
+    state = loading("REWARD_HPSV2_MODEL", load)
+    config = loading("REWARD_HPSV2_CONFIG", CLIPConfig.from_pretrained)
+    model, info = CLIPModel.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                            output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise UserError(f"{sources[0]!r} is not an OpenCLIP model of {sources[1]!r}'s shape (missing "
+                        f"{sorted(info['missing_keys'])[:3]}, unexpected {sorted(info['unexpected_keys'])[:3]}).")
+    processor = loading("REWARD_HPSV2_CONFIG", AutoProcessor.from_pretrained)
+    return model.to(device).eval().requires_grad_(False), processor
 
 
 def clip_pixels(images, processor, dtype):
@@ -176,9 +247,17 @@ def pickscore(images, prompts):
     return in_batches(lambda x, p: scale * cosine(model, processor, x, p), images, prompts)
 
 
+def hpsv2(images, prompts):
+    """HPS v2.1 (PRDP's reward and evaluation): an OpenCLIP ViT-H/14 fine-tuned on human preferences (HPD v2); the
+    cosine of the image and prompt embeddings, about 0.2 to 0.35."""
+    model, processor = load_hpsv2(str(images.device))
+    return in_batches(lambda x, p: cosine(model, processor, x, p), images, prompts)
+
+
 # the models each learned reward needs (SOURCES' keys): checked when the reward is named, before any work
 NEEDS = {aesthetic: ("REWARD_AESTHETIC_CLIP", "REWARD_AESTHETIC_HEAD"), clip_score: ("REWARD_CLIP_SCORE_MODEL",),
-         pickscore: ("REWARD_PICKSCORE_MODEL", "REWARD_PICKSCORE_PROCESSOR")}
+         pickscore: ("REWARD_PICKSCORE_MODEL", "REWARD_PICKSCORE_PROCESSOR"),
+         hpsv2: ("REWARD_HPSV2_MODEL", "REWARD_HPSV2_CONFIG")}
 
 
 def check_reachable(key):
@@ -198,7 +277,7 @@ def check_reachable(key):
 # name -> a function, or the module:function of one imported when first asked for (the shapes world's rewards
 # live with the world, in tutorials/shapes_world.py)
 REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
-           "aesthetic": aesthetic, "clip_score": clip_score, "pickscore": pickscore,
+           "aesthetic": aesthetic, "clip_score": clip_score, "pickscore": pickscore, "hpsv2": hpsv2,
            "shapes_alignment": "tutorials.shapes_world:shapes_alignment",
            "shapes_correct": "tutorials.shapes_world:shapes_correct",
            "shape_area": "tutorials.shapes_world:shape_area"}

@@ -48,7 +48,8 @@ def make_tiny_pipeline(path, resolution=32, seed=0, prediction_type="epsilon"):
 def make_tiny_reward_models(path, seed=0):
     """Tiny stand-ins for the learned rewards' models, saved where the REWARD_* environment variables can point
     (rewards.SOURCES): a CLIP with a projection of ViT-L/14's width (768) and its processor, and a random aesthetic
-    head saved as a plain state dict. Returns {environment variable: local copy}."""
+    head saved as a plain state dict, and an HPSv2-like OpenCLIP checkpoint. Returns {environment variable: local
+    copy}."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from rewards import AestheticHead
@@ -70,8 +71,46 @@ def make_tiny_reward_models(path, seed=0):
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.05)
     torch.save(head.state_dict(), os.path.join(path, "aesthetic-model.pth"))
+    # HPSv2: a transformers configuration of an OpenCLIP-shaped CLIP (GELU, as ViT-H/14), and random weights under
+    # OpenCLIP's names in a checkpoint laid out as HPSv2's ({"state_dict": ...})
+    hps = os.path.join(path, "hps-config")
+    config.text_config.hidden_act = config.vision_config.hidden_act = "gelu"
+    config.text_config.intermediate_size = config.vision_config.intermediate_size = 4 * 32
+    config.projection_dim = 16
+    config.save_pretrained(hps)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(hps)
+    state = open_clip_state(vocab=len(tokenizer), context=tokenizer.model_max_length, width=32, layers=2,
+                            image_size=32, patch=8, embed_dim=16)
+    torch.save({"epoch": 1, "state_dict": state}, os.path.join(path, "HPS_v2.1_compressed.pt"))
     return {"REWARD_AESTHETIC_CLIP": clip, "REWARD_AESTHETIC_HEAD": os.path.join(path, "aesthetic-model.pth"),
-            "REWARD_CLIP_SCORE_MODEL": clip, "REWARD_PICKSCORE_MODEL": clip, "REWARD_PICKSCORE_PROCESSOR": clip}
+            "REWARD_CLIP_SCORE_MODEL": clip, "REWARD_PICKSCORE_MODEL": clip, "REWARD_PICKSCORE_PROCESSOR": clip,
+            "REWARD_HPSV2_MODEL": os.path.join(path, "HPS_v2.1_compressed.pt"), "REWARD_HPSV2_CONFIG": hps}
+
+
+def open_clip_state(vocab, context, width, layers, image_size, patch, embed_dim):
+    """Random weights with the names and shapes of an OpenCLIP CLIP's state dict (text and image towers of the same
+    width; packed attention projections; projections used as x @ P)."""
+    def rand(*shape):
+        return torch.randn(*shape) * 0.1
+
+    state = {"token_embedding.weight": rand(vocab, width), "positional_embedding": rand(context, width),
+             "text_projection": rand(width, embed_dim), "logit_scale": torch.tensor(4.6),
+             "visual.conv1.weight": rand(width, 3, patch, patch), "visual.class_embedding": rand(width),
+             "visual.positional_embedding": rand((image_size // patch) ** 2 + 1, width),
+             "visual.proj": rand(width, embed_dim)}
+    norms = ["ln_final", "visual.ln_pre", "visual.ln_post"]
+    for tower in ("", "visual."):
+        for i in range(layers):
+            block = f"{tower}transformer.resblocks.{i}."
+            norms += [block + "ln_1", block + "ln_2"]
+            state.update({block + "attn.in_proj_weight": rand(3 * width, width),
+                          block + "attn.in_proj_bias": rand(3 * width),
+                          block + "attn.out_proj.weight": rand(width, width), block + "attn.out_proj.bias": rand(width),
+                          block + "mlp.c_fc.weight": rand(4 * width, width), block + "mlp.c_fc.bias": rand(4 * width),
+                          block + "mlp.c_proj.weight": rand(width, 4 * width), block + "mlp.c_proj.bias": rand(width)})
+    for norm in norms:
+        state[norm + ".weight"], state[norm + ".bias"] = 1 + rand(width), rand(width)
+    return state
 
 
 if __name__ == "__main__":
