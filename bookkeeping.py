@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import distributed
 from common import UserError
 from rewards import MIXES, to_uint8
 
@@ -42,6 +43,19 @@ def run_main(main):
         print("\ninterrupted: the run keeps every epoch it finished; continue it with --resume <its --output-dir>",
               file=sys.stderr)
         sys.exit(130)
+
+
+def quiet_libraries():
+    """diffusers' and transformers' own progress bars and warnings off: the terminal is for the project's bars and
+    metrics. Done when bookkeeping is imported, as every script and tutorial does."""
+    import diffusers
+    import transformers
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
+quiet_libraries()
 
 
 def load_prompts(path):
@@ -106,6 +120,7 @@ def parse_args(args_class, argv=None, description=None, presets=None):
             raise UserError(f"--resume {ns['resume']!r}: no config.json there, so it is not a run directory.")
         ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
         ns["output_dir"] = ns["resume"]
+    ns["device"] = distributed.setup(ns["device"])  # under torchrun: this process's GPU (distributed.py)
     return args_class(**ns)
 
 
@@ -130,9 +145,10 @@ SHARED_WITHIN = {"learning_rate": "(0, inf)", "max_grad_norm": "(0, inf)", "weig
                  "num_steps": "[1, 1000]", "seed": "[0, 9e12]"}
 
 
-def check_args(args, group=1):
+def check_args(args, group=1, part_of_group=False):
     """Checks shared by the three scripts, made before any model is loaded: every flag within its interval, and
-    the batch sizes consistent, in whole groups of `group` images that are compared (D3PO's pairs, PRDP's prompts)."""
+    the batch sizes consistent, in whole groups of `group` images that are compared (D3PO's pairs, PRDP's prompts);
+    part_of_group: a training batch may also divide a group, whose optimiser steps are still whole groups."""
     if not 0 < args.eta <= 1:
         raise UserError(f"--eta must be in (0, 1] (got {args.eta}): with eta = 0 DDIM is deterministic and "
                         f"log-probs are undefined, and above 1 the step's variance exceeds what DDIM allows.")
@@ -152,9 +168,17 @@ def check_args(args, group=1):
     if args.sample_batch_size % args.train_batch_size:
         raise UserError(f"--train-batch-size {args.train_batch_size} must divide --sample-batch-size "
                         f"{args.sample_batch_size}.")
-    if args.train_batch_size % group or args.sample_batch_size * args.sample_batches_per_epoch % group:
+    tbs, step = args.train_batch_size, args.train_batch_size * args.gradient_accumulation_steps
+    if part_of_group and tbs < group and (group % tbs or step % group):
+        raise UserError(f"--train-batch-size {tbs}, below the {group} images compared together, must divide them, and "
+                        f"an optimiser step (x --gradient-accumulation-steps) must be whole groups of them.")
+    epoch = args.sample_batch_size * args.sample_batches_per_epoch
+    if tbs % group and not (part_of_group and tbs < group) or epoch % group:
         raise UserError(f"--train-batch-size {args.train_batch_size}, and the images of an epoch, must be whole groups "
                         f"of the {group} images that are compared.")
+    if args.sample_batches_per_epoch % distributed.world():
+        raise UserError(f"--sample-batches-per-epoch {args.sample_batches_per_epoch} must be a multiple of the "
+                        f"{distributed.world()} processes, which share the epoch's sampling batches.")
     train_batches = args.sample_batch_size * args.sample_batches_per_epoch // args.train_batch_size
     if train_batches % args.gradient_accumulation_steps:
         raise UserError(f"the {train_batches} training batches per epoch cannot be split into optimiser steps of "
@@ -173,7 +197,8 @@ def check_args(args, group=1):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output-dir {args.output_dir!r} cannot be created ({e.strerror}).")
-    claim_output_dir(args)
+    if distributed.is_main():  # under torchrun, process 0 alone writes
+        claim_output_dir(args)
 
 
 # ---- The output directory: who writes it, config, metrics, image grids, curves ------------------------------------
@@ -261,7 +286,9 @@ def write_config(args):
 def epoch_metrics(epoch, rewards, info, sample_timer, train_timer, reward=""):
     """One epoch's metrics: the reward's mean and std over the epoch's samples, before training on them (rewards:
     (n,), or (n, k) for k comma-separated rewards, the first of which is the reward_mean, or None), the mean of
-    each quantity logged in `info` (NaN where nothing was trained), and the seconds of each phase."""
+    each quantity logged in `info` (NaN where nothing was trained; under torchrun, every process's values), and
+    the seconds of each phase."""
+    info = {k: sum((each[k] for each in distributed.gather_objects(info)), []) for k in info}
     row = {"epoch": epoch}
     if rewards is not None:
         rewards = torch.as_tensor(rewards, dtype=torch.float64).cpu().reshape(len(rewards), -1)  # (B, k)
@@ -428,6 +455,8 @@ class Timer:
 def start_output(args, start_epoch):
     """Create the output directory and config.json; on resume drop metrics of epochs that will be redone. (Whether
     the directory may be written was settled by check_args, before any model was loaded.)"""
+    if not distributed.is_main():
+        return
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     write_config(args)
     rows = [r for r in read_metrics(args.output_dir) if r["epoch"] < start_epoch]
@@ -438,7 +467,9 @@ def start_output(args, start_epoch):
 
 def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, rewards, extra, grid_size=16):
     """Image grid, a metrics line, the curves so far, then the checkpoint: an interruption at any point loses at
-    most this epoch."""
+    most this epoch. (Process 0's work under torchrun.)"""
+    if not distributed.is_main():
+        return
     captions = list(prompts)
     if rewards is not None:  # captioned with the (first) reward
         first = torch.as_tensor(rewards).reshape(len(prompts), -1)[:, 0].tolist()
@@ -451,6 +482,10 @@ def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, re
 
 
 def finish(args):
+    main = distributed.is_main()
+    distributed.finish()
+    if not main:
+        return
     release_output_dir(args)
     print(f"done: metrics in {args.output_dir}/metrics.jsonl, image grids in {args.output_dir}/samples/, "
           f"weights in {args.output_dir}/{'lora' if args.lora_rank > 0 else 'unet'}", flush=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm.auto import tqdm
 
+import distributed
+
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")  # --model toy
 
 
@@ -149,7 +151,7 @@ def sample_trajectories(policy, prompt_embeds, generator, latents=None, progress
         latents = torch.randn((B, *latent_size(pipe)), generator=generator, device=generator.device)
     latents = latents.to(prompt_embeds.device, torch.float32) * pipe.scheduler.init_noise_sigma  # 1.0 for DDIM
     all_latents, all_log_probs = [latents], []
-    for t in tqdm(pipe.scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
+    for t in tqdm(pipe.scheduler.timesteps, desc="sampling", leave=False, disable=not progress or distributed.rank()):
         noise_pred = guided_noise_pred(policy, latents, t, prompt_embeds)
         latents, log_prob = ddim_step_with_logprob(pipe.scheduler, noise_pred, t, latents, policy.eta, None, generator)
         all_latents.append(latents)
@@ -179,13 +181,15 @@ def sample_epoch(policy, args, prompts, generator, images_per_prompt=1, shared_n
     if shared_noise:
         noise = torch.randn((len(prompts), *latent_size(policy.pipe)), generator=generator, device=generator.device)
         noise = noise.repeat_interleave(images_per_prompt, 0)
-    parts = []
-    for start in range(0, len(batch_prompts), args.sample_batch_size):
-        embeds = encode_prompts(policy.pipe, batch_prompts[start:start + args.sample_batch_size])
-        x_T = None if noise is None else noise[start:start + args.sample_batch_size]
+    parts, size = [], args.sample_batch_size
+    for b, start in enumerate(range(0, len(batch_prompts), size)):
+        if distributed.others(b, generator, policy.num_steps + (noise is None), (size, *latent_size(policy.pipe))):
+            continue  # torchrun: another process samples this batch (its noise is drawn and dropped); gathered below
+        embeds = encode_prompts(policy.pipe, batch_prompts[start:start + size])
+        x_T = None if noise is None else noise[start:start + size]
         parts.append(sample_trajectories(policy, embeds, generator, latents=x_T, progress=progress))
-    return batch_prompts, Trajectories(*(parts[0].timesteps if f.name == "timesteps" else
-                                         torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)))
+    return batch_prompts, Trajectories(*(parts[0].timesteps if f.name == "timesteps" else distributed.gather_batches(
+        torch.cat([getattr(p, f.name) for p in parts]), size) for f in fields(Trajectories)))
 
 
 @torch.no_grad()
@@ -193,14 +197,14 @@ def reference_log_probs(policy, samples, batch_size, rows=None):
     """log pi_ref of every sampled step, (B, T): the reference model's log-probs do not depend on the trained
     parameters, so D3PO and PRDP compute them once per sample, here, and never in the training loop.
     rows: only these samples' (the ones that will be trained on); the other rows are NaN."""
-    out = torch.full_like(samples.log_probs, float("nan"))
+    out = torch.zeros_like(samples.log_probs)
     rows = torch.arange(len(out)) if rows is None else torch.as_tensor(rows).flatten().cpu()
     with reference_model(policy.pipe):
-        for start in range(0, len(rows), batch_size):
+        for b, start in enumerate(range(0, len(rows), batch_size)):
             idx = rows[start:start + batch_size].to(samples.latents.device)
-            for s in range(out.shape[1]):
+            for s in range(out.shape[1] if distributed.mine(b) else 0):  # torchrun: each process its batches
                 out[idx, s] = log_prob(policy, samples, idx, s)
-    return out
+    return distributed.sum_rows(out, rows)  # each process's rows (one process: all); NaN in the rows not asked for
 
 
 def evaluate(policy, prompts, seed, batch_size=32):
@@ -219,29 +223,22 @@ def resolve_precision(mixed_precision, device):
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-# the UNet layers that get LoRA adapters, by --lora-targets (peft's target_modules: a list of name endings, or a
-# regex over full module names). attention: every attention projection, as diffusers' LoRA examples do;
-# cross-attention: only attn2's, where the prompt enters the UNet, so nothing that does not read the prompt moves.
-LORA_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
-                "cross-attention": r".*attn2\.(to_q|to_k|to_v|to_out\.0)"}
+# the UNet layers that get LoRA adapters, by --lora-targets (peft's target_modules). attention: every attention
+# projection, as diffusers' LoRA examples do; cross-attention: only attn2's, where the prompt enters the UNet.
+LORA_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"], "cross-attention": r".*attn2\.(to_[qkv]|to_out\.0)"}
 
 
 def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=None, seed=0, start_from=None,
-                  reference=False, lora_targets="attention"):
+                  reference=False, lora_targets="attention", gradient_checkpointing=False):
     """Load a Stable Diffusion pipeline for fine-tuning: (pipe, trainable_params, autocast factory of the UNet).
 
     VAE and text encoder are frozen (in the half dtype under mixed precision). LoRA (lora_rank > 0) on the layers
     LORA_TARGETS[lora_targets] names is all that trains, in float32; lora_rank = 0 trains the whole UNet in float32.
     start_from: a finished run whose weights (lora/ merged, or unet/) replace the model's, so they are also the
     reference (D3PO's rounds). reference=True: `reference_model(pipe)` must work; free with LoRA (the adapters are
-    switched off), a frozen copy of the UNet with full fine-tuning, as the papers' code does.
+    switched off), a frozen copy of the UNet (in the half dtype) with full fine-tuning, as the papers' code does.
     """
-    import diffusers
-    import transformers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    for lib in (diffusers, transformers):  # keep the terminal for our own progress bars and metrics
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
     device, half = torch.device(device), resolve_precision(mixed_precision, device)
     model = TOY_MODEL if model == "toy" else model
     if not os.path.isdir(model) and not (model.count("/") == 1 and not model.startswith((".", "/", "~"))):
@@ -269,7 +266,9 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
     else:
         pipe.unet.requires_grad_(True).to(device, torch.float32)
         if reference:
-            pipe.reference_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+            pipe.reference_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval().to(half or torch.float32)
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()  # trainable weights stay float32 under mixed precision
@@ -281,7 +280,7 @@ def load_policy(args, reference=False):
     """The pipeline as args configure it, as a Policy, and its trainable parameters."""
     pipe, params, autocast = load_pipeline(args.model, args.device, args.mixed_precision, args.lora_rank,
                                            args.resolution, args.seed, getattr(args, "start_from", None), reference,
-                                           args.lora_targets)
+                                           args.lora_targets, getattr(args, "gradient_checkpointing", False))
     return Policy(pipe, encode_prompts(pipe, [""]), args.num_steps, args.guidance_scale, args.eta, autocast), params
 
 
@@ -289,8 +288,6 @@ def load_start_weights(pipe, run_dir):
     """Replace the pipeline's UNet weights by those a run saved in run_dir (lora/ is fused into the UNet)."""
     from diffusers import UNet2DConditionModel
     lora, unet = os.path.join(run_dir, "lora"), os.path.join(run_dir, "unet")
-    if not os.path.isdir(lora) and not os.path.isdir(unet):
-        raise UserError(f"--start-from {run_dir!r}: no lora/ or unet/ there, so it is not a finished run.")
     try:
         if os.path.isdir(lora):
             pipe.load_lora_weights(lora)
@@ -298,8 +295,9 @@ def load_start_weights(pipe, run_dir):
             pipe.unload_lora_weights()
         else:
             pipe.unet = UNet2DConditionModel.from_pretrained(unet)
-    except Exception as e:  # a truncated weights file, or weights of another model
-        raise UserError(f"--start-from {run_dir!r}: its weights cannot be loaded ({str(e).splitlines()[0]}).")
+    except Exception as e:  # no lora/ or unet/ (not a finished run), a truncated file, another model's weights
+        raise UserError(f"--start-from {run_dir!r}: no finished run's weights (lora/ or unet/) can be loaded from "
+                        f"there ({str(e).splitlines()[0]}).")
 
 
 @contextmanager
@@ -338,7 +336,8 @@ def minibatches(order, batch_size, step_size):
 
 def optimizer_step(optimizer, scaler, params, max_grad_norm):
     """Unscale (fp16), clip, step, zero the gradients; returns the pre-clip norm. A non-finite gradient never reaches
-    the weights: fp16's scaler skips that step; otherwise the run stops."""
+    the weights: fp16's scaler skips that step; otherwise the run stops. (torchrun: the processes' shares summed.)"""
+    distributed.sum_gradients(params)
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(norm) and not scaler.is_enabled():
@@ -347,4 +346,5 @@ def optimizer_step(optimizer, scaler, params, max_grad_norm):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    distributed.check_in_step(params)
     return float(norm)

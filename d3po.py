@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 import bookkeeping
 import common
+import distributed
 import human_feedback
 from bookkeeping import arg
 from rewards import compute_rewards, get_reward_fn
@@ -48,6 +49,8 @@ class Args:
                             choices=["attention", "cross-attention"])
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
+    gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: much less "
+                                       "memory for about a third more training time (README.md, \"Tiers\")")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     resume: str = arg(None, "continue the run in this output directory from its last finished epoch")
     # --- D3PO's own ---
@@ -144,9 +147,11 @@ def main(argv=None):
         policy.pipe.unet.train()
         with bookkeeping.Timer() as train_timer:
             for step_batches in common.minibatches(order, args.train_batch_size, step_size):
-                for idx in step_batches:
+                for b, idx in enumerate(step_batches):
                     # the winner and the loser of a pair at the same step, the steps in a random order
                     steps = torch.randperm(args.num_steps, generator=generator).expand(len(idx), -1)     # (2b, T)
+                    if not distributed.mine(b):  # torchrun: another process's batch (distributed.py)
+                        continue
                     for j in range(trained_steps):
                         s = steps[:, j]                                                      # (2b,) a step each
                         log_probs = common.log_prob(policy, samples, idx, s).view(-1, 2)     # log pi_theta, (b, 2)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 import bookkeeping
 import common
+import distributed
 from bookkeeping import arg
 from rewards import compute_rewards, get_reward_fn
 
@@ -48,6 +49,8 @@ class Args:
                             choices=["attention", "cross-attention"])
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
+    gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: much less "
+                                       "memory for about a third more training time (README.md, \"Tiers\")")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     resume: str = arg(None, "continue the run in this output directory from its last finished epoch")
     # --- DDPO's own ---
@@ -142,9 +145,11 @@ def main(argv=None):
         policy.pipe.unet.train()
         with bookkeeping.Timer() as train_timer:
             for step_batches in common.minibatches(order, args.train_batch_size, step_size):
-                for idx in step_batches:
+                for b, idx in enumerate(step_batches):
                     # each sample visits its steps in its own random order (reference code)
                     steps = torch.stack([torch.randperm(args.num_steps, generator=generator) for _ in idx])  # (b, T)
+                    if not distributed.mine(b):  # torchrun: another process's batch (distributed.py)
+                        continue
                     for j in range(trained_steps):
                         s = steps[:, j]                                                      # (b,) a step each
                         log_probs = common.log_prob(policy, samples, idx, s)                 # log pi_theta, (b,)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import bookkeeping
 import common
+import distributed
 from common import UserError
 
 LABEL_HELP = ("a JSON list with one entry per prompt, in the order of the template: {\"prompt\": ..., "
@@ -26,6 +27,9 @@ ROUND_FILES = ("config.json", "prompts.txt", "trajectories.safetensors", "labels
 def sample_round(policy, args, prompts):
     """Every prompt of the file, images_per_prompt times from one x_T; writes the trajectories, a numbered
     contact sheet per prompt and labels_template.json into args.output_dir."""
+    if distributed.world() > 1:
+        raise UserError("sample a round of human feedback with one process (python d3po.py --sample-only), not with "
+                        "torchrun.")
     if os.path.isfile(os.path.join(args.output_dir, "trajectories.safetensors")):
         raise UserError(f"{args.output_dir!r} already holds a sampled round; choose another --output-dir.")
     os.makedirs(os.path.join(args.output_dir, "sheets"), exist_ok=True)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 import bookkeeping
 import common
+import distributed
 from bookkeeping import arg
 from rewards import compute_rewards, get_reward_fn
 
@@ -36,7 +37,8 @@ class Args:
     guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (the papers: 5.0)")
     sample_batch_size: int = arg(16, "images per sampling batch (PRDP Table 4: B = 16 images of a prompt)")
     sample_batches_per_epoch: int = arg(32, "sampling batches per epoch (PRDP Table 4: N = 32 prompts)")
-    train_batch_size: int = arg(16, "images per training batch (PRDP Table 4: B = 16, one prompt's)")
+    train_batch_size: int = arg(16, "images per training batch (PRDP Table 4: B = 16, one prompt's; fewer than "
+                                "--images-per-prompt: the UNet batch within a prompt, same gradient, less memory)")
     gradient_accumulation_steps: int = arg(32, "training batches per optimiser step (PRDP Table 4: all N x B)")
     learning_rate: float = arg(1e-5, "AdamW learning rate (PRDP Table 4 small scale: 1e-5)")
     weight_decay: float = arg(1e-4, "AdamW weight decay (the papers' reference code: 1e-4)")
@@ -47,6 +49,8 @@ class Args:
                             choices=["attention", "cross-attention"])
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
+    gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: much less "
+                                       "memory for about a third more training time (README.md, \"Tiers\")")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     resume: str = arg(None, "continue the run in this output directory from its last finished epoch")
     # --- PRDP's own ---
@@ -98,23 +102,28 @@ def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
 # ALGO LOGIC: the loss of whole trajectories, backpropagated one denoising step at a time
 def rdp_backward(policy, samples, idx, ref_log_probs, rewards, args, scale, at_theta_old=False):
     """Backpropagate scale(rdp_loss) of images idx without T UNet graphs at once: the gradient with respect to log-probs
-    computed without a graph (at theta_old: the sampled ones), then each step with a graph. Exact by the chain rule."""
+    computed without a graph (at theta_old: the sampled ones), then each step with a graph, in UNet batches of at
+    most --train-batch-size images. Exact by the chain rule, so a prompt's images need not fit in one UNet batch."""
+    chunks = idx.split(args.train_batch_size)
     log_probs = samples.log_probs[idx]                                                  # log pi_old, (b, T)
     if not at_theta_old:
         with torch.no_grad():
-            log_probs = torch.stack([common.log_prob(policy, samples, idx, s) for s in range(args.num_steps)], 1)
+            log_probs = torch.stack([torch.cat([common.log_prob(policy, samples, c, s) for c in chunks])
+                                     for s in range(args.num_steps)], 1)
     log_probs = log_probs.detach().requires_grad_(True)                                 # log pi_theta, (b, T)
     loss, info = rdp_loss(log_probs - ref_log_probs, samples.log_probs[idx] - ref_log_probs, rewards,
                           prompt_pairs(rewards, args.images_per_prompt), args.beta, args.clip_eps)
     scale(loss).backward()
     for s in range(args.num_steps):
-        common.log_prob(policy, samples, idx, s).backward(log_probs.grad[:, s])
+        for c, grad in zip(chunks, log_probs.grad[:, s].split(args.train_batch_size)):
+            common.log_prob(policy, samples, c, s).backward(grad)
     return loss, info
 
 
 # ALGO LOGIC: the algorithm's own checks of its settings, before any model is loaded
 def check_args(args):
-    bookkeeping.check_args(args, group=args.images_per_prompt)  # all pairs of a prompt's images are compared
+    # all pairs of a prompt's images are compared; a training batch may be a part of a prompt's (rdp_backward)
+    bookkeeping.check_args(args, group=args.images_per_prompt, part_of_group=True)
 
 
 def main(argv=None):
@@ -152,8 +161,11 @@ def main(argv=None):
         # ---- 3. ALGO LOGIC: K proximal gradient steps on the pairs' squared errors ----
         policy.pipe.unet.train()
         with bookkeeping.Timer() as train_timer:
-            for k, step_batches in enumerate(common.minibatches(order, args.train_batch_size, step_size)):
-                for idx in step_batches:
+            loss_batch = max(args.train_batch_size, args.images_per_prompt)  # whole prompts' pairs, PRDP Eq. 10-14
+            for k, step_batches in enumerate(common.minibatches(order, loss_batch, step_size)):
+                for b, idx in enumerate(step_batches):
+                    if not distributed.mine(b):  # torchrun: another process's batch (distributed.py)
+                        continue
                     loss, step_info = rdp_backward(policy, samples, idx, ref_log_probs[idx], rewards[idx], args,
                                                    lambda loss: scaler.scale(loss / len(step_batches)), k == 0)
                     bookkeeping.log_info(info, loss=loss, **step_info)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import distributed
 from common import UserError
 
 
@@ -298,7 +299,7 @@ def mix(name):
     parts = {part: get_reward_fn(part) for part in weights}
 
     def mixed(images, prompts):
-        scores = {part: compute_rewards(fn, images, prompts) for part, fn in parts.items()}
+        scores = {part: compute_rewards(fn, images, prompts, share=False) for part, fn in parts.items()}
         mixed.last_means = {part: float(s.double().mean()) for part, s in scores.items()}
         return sum(weights[part] * s for part, s in scores.items())
     mixed.__name__, mixed.last_means = name, {}
@@ -336,11 +337,16 @@ def get_reward_fn(name):
     return fn
 
 
-def compute_rewards(reward_fn, images, prompts, epoch=None):
+def compute_rewards(reward_fn, images, prompts, epoch=None, share=True):
     """Call a reward function and check that it gave one finite number per image: a float32 tensor (B,) on the CPU.
 
     A NaN, an infinity or a None would make every trained weight NaN (DDPO, PRDP) or silently tie (D3PO), so the
-    run stops here, before any update of the epoch: the last checkpoint stays as it was."""
+    run stops here, before any update of the epoch: the last checkpoint stays as it was. Under torchrun (share),
+    each process scores its share of the images, and every process gets all the scores."""
+    if share and distributed.world() > 1:
+        mine = torch.arange(len(prompts)).tensor_split(distributed.world())[distributed.rank()]
+        scores = compute_rewards(reward_fn, images[mine.to(images.device)], [prompts[i] for i in mine], epoch, False)
+        return torch.cat(distributed.gather_objects(scores))
     name = getattr(reward_fn, "__name__", repr(reward_fn))
     rewards = reward_fn(images, prompts)
     try:

@@ -267,9 +267,11 @@ def test_damaged_rounds_and_start_points_are_refused_in_one_sentence(first_round
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out2", "--labels", str(r)))
     lora = tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors"
     lora.write_bytes(lora.read_bytes()[:100])
-    with pytest.raises(common.UserError, match="its weights cannot be loaded"):
-        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "next", "--sample-only", "--start-from",
-                             str(tmp_path / "out")))
+    for start in (tmp_path / "out", tmp_path / "labels-only"):  # a truncated file; a directory without weights
+        start.mkdir(exist_ok=True)
+        with pytest.raises(common.UserError, match="no finished run's weights .lora/ or unet/. can be loaded"):
+            d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "next", "--sample-only", "--start-from",
+                                 str(start)))
 
 
 def test_a_round_of_the_toy_model_trains_with_the_toy_preset_unless_a_flag_says_otherwise(tmp_path):

@@ -67,6 +67,24 @@ def test_lora_run_and_bad_settings(tiny_dir, prompt_file, tmp_path):
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(common.UserError, match="whole groups of the 2 images"):
         prdp.main(tiny_args(tiny_dir, prompt_file, tmp_path / "bad", 1, "--images-per-prompt", "2"))
+    with pytest.raises(common.UserError, match="below the 3 images compared together, must divide them"):
+        prdp.main(tiny_args(tiny_dir, prompt_file, tmp_path / "bad", 1, "--train-batch-size", "2",
+                            "--gradient-accumulation-steps", "3"))
+
+
+def test_a_training_batch_smaller_than_a_prompts_images_trains_the_same_steps(finished_run, tiny_dir, prompt_file,
+                                                                              tmp_path):
+    """--train-batch-size 1 with 3 images a prompt: UNet batches of one image, the same optimiser steps of two
+    whole prompts (6 accumulated batches instead of 2 of 3), so the same losses (test_prdp_loss checks that the
+    gradient is the same; Adam's first steps, about lr x sign(g), make weights a poor witness of float-level
+    differences in g)."""
+    out = tmp_path / "chunked"
+    prdp.main(tiny_args(tiny_dir, prompt_file, out, 1, "--train-batch-size", "1", "--gradient-accumulation-steps",
+                        "6"))
+    chunked, whole = bookkeeping.read_metrics(str(out))[0], bookkeeping.read_metrics(str(finished_run[0]))[0]
+    assert chunked["reward_mean"] == whole["reward_mean"] and chunked["pairs"] == whole["pairs"]
+    for key in ("loss", "predicted_diff"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-7), key
 
 
 def test_prompts_whose_images_all_tie_are_neither_referenced_nor_trained(tiny_dir, prompt_file, tmp_path,

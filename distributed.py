@@ -1,0 +1,119 @@
+"""Several processes, one run: `torchrun --nproc-per-node N ddpo.py ...` (and d3po.py, prdp.py).
+
+The flags keep their meaning whatever N is: an epoch is --sample-batch-size x --sample-batches-per-epoch images in
+all, an optimiser step --train-batch-size x --gradient-accumulation-steps. The N processes share that work and do
+what one process would, to float rounding:
+- every process draws the epoch's prompts and noise from the same epoch generator, and samples its share of the
+  sampling batches (batch b is process b mod N's); the others' noise it draws and drops, so that every process's
+  random stream stays the one-process run's;
+- the trajectories, rewards and reference log-probs are gathered, so every process holds the whole epoch, and
+  everything computed from it (DDPO's per-prompt statistics, D3PO's preferences, PRDP's pairs) is the same in all;
+- each optimiser step's training batches are shared the same way (whole batches: a D3PO pair and a PRDP prompt
+  stay in one process), and the gradients summed over the processes once per step, before clipping;
+- only process 0 writes (config, metrics, image grids, weights, checkpoints), and any number of processes can
+  resume a run.
+gloo on the CPU, NCCL on CUDA (each process on its LOCAL_RANK's GPU). One process: everything here is a no-op.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device):
+    """Join torchrun's process group when there is one (WORLD_SIZE > 1); returns this process's device. TF32
+    matmuls are allowed on CUDA (the speed of half precision's tensor cores for float32 matmuls)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls on CUDA
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    """Whether this process writes: process 0, or the only one."""
+    return rank() == 0
+
+
+def mine(batch):
+    """Whether the batch numbered `batch` (sampling or training) is this process's."""
+    return batch % world() == rank()
+
+
+def others(batch, generator, draws, shape):
+    """Whether sampling batch `batch` is another process's; if so, its noise (x_T unless given, and one a step) is
+    drawn here and dropped, so that this process's random stream goes on as the one-process run's does."""
+    if mine(batch):
+        return False
+    for _ in range(draws):
+        torch.randn(shape, generator=generator, device=generator.device)
+    return True
+
+
+def gather_batches(tensor, batch_size):
+    """This process's batches (its share, in order, each of batch_size rows) -> every process's, in batch order."""
+    if world() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world())]
+    dist.all_gather(parts, tensor.contiguous())
+    # process r holds batches r, r + N, ...: interleave them back into 0, 1, 2, ...
+    batches = torch.stack([p.view(-1, batch_size, *p.shape[1:]) for p in parts], 1)  # (batches each, N, b, ...)
+    return batches.flatten(0, 2)
+
+
+def sum_rows(out, rows):
+    """Every process's rows of `out` (each filled its own, zeros elsewhere) summed, NaN in the rows not in `rows`."""
+    if world() > 1:
+        dist.all_reduce(out)
+    missing = torch.ones(len(out), dtype=torch.bool)
+    missing[rows] = False
+    return out.masked_fill_(missing.to(out.device)[:, None], float("nan"))
+
+
+def gather_objects(value):
+    """A list of every process's value (picklable), in process order."""
+    if world() == 1:
+        return [value]
+    values = [None] * world()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def sum_gradients(params):
+    """Each process's gradients are its share of the step's (the loss divided by the step's batches in all):
+    summed, they are the one-process gradient. A process with no batch in the step adds zeros."""
+    if world() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()
+
+
+def check_in_step(params):
+    """Stop if the processes' weights have drifted apart (gradients not summed alike): a cheap checksum a step."""
+    if world() == 1:
+        return
+    total = torch.stack([p.detach().double().sum() for p in params]).sum().cpu()
+    sums = gather_objects(float(total))
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"the processes' weights differ after an optimiser step (checksums {sums})")
+
+
+def finish():
+    """Leave the process group at the end of a run, once every process is there."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

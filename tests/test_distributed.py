@@ -1,0 +1,94 @@
+"""Several processes with torchrun (distributed.py): two CPU processes (gloo) train what one process trains on the
+same flags, write nothing twice, and hand a run on to any number of processes."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bookkeeping
+import d3po
+import ddpo
+import distributed
+import prdp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = {  # each: two optimiser steps an epoch, each of two training batches (one a process under torchrun)
+    ddpo: ["--sample-batch-size", "2", "--sample-batches-per-epoch", "4", "--train-batch-size", "2",
+           "--clip-range", "0.2"],
+    d3po: ["--sample-batch-size", "4", "--sample-batches-per-epoch", "2", "--train-batch-size", "2"],
+    prdp: ["--sample-batch-size", "4", "--sample-batches-per-epoch", "2", "--train-batch-size", "2",
+           "--images-per-prompt", "2", "--grad-steps-per-epoch", "2", "--clip-eps", "1e-3"]}
+
+
+def run_args(module, tiny_dir, prompt_file, out, epochs=1):
+    return ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(out), "--num-epochs", str(epochs),
+            "--resolution", "32", "--num-steps", "3", "--gradient-accumulation-steps", "2", "--learning-rate", "1e-2",
+            "--lora-rank", "4", "--device", "cpu", "--seed", "5", *FLAGS[module]]
+
+
+def torchrun(module, argv, processes=2):
+    """`torchrun --nproc-per-node 2 <script> argv` on this machine's CPU; returns its output."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(processes), os.path.join(ROOT, f"{module.__name__}.py"), *argv],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def lora_weights(out):
+    return load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+def assert_same_weights(a, b, lr=1e-2):
+    """The processes sum a step's gradient in another order than one process accumulates it, and Adam's steps,
+    about lr x g / |g|, carry that float rounding into the weights, much more for a few elements whose gradient
+    nearly cancels: every element within a quarter of one step, and on average within a thousandth of one."""
+    assert a.keys() == b.keys()
+    assert max(float(v.abs().max()) for k, v in a.items() if "up" in k or "lora_B" in k) > lr / 10  # trained
+    diffs = torch.cat([(a[name] - b[name]).abs().flatten() for name in a])
+    assert diffs.max() < lr / 4 and diffs.mean() < lr / 1000, (float(diffs.max()), float(diffs.mean()))
+
+
+@pytest.mark.parametrize("module", [ddpo, d3po, prdp], ids=lambda m: m.__name__)
+def test_two_processes_train_the_weights_one_process_trains(module, tiny_dir, prompt_file, tmp_path):
+    """Every optimiser step sums the two processes' gradients (a step whose weights differ between the processes
+    stops the run: distributed.check_in_step), and after an epoch the weights are the one-process run's."""
+    module.main(run_args(module, tiny_dir, prompt_file, tmp_path / "one"))
+    output = torchrun(module, run_args(module, tiny_dir, prompt_file, tmp_path / "two"))
+    assert_same_weights(lora_weights(tmp_path / "two"), lora_weights(tmp_path / "one"))
+    one, two = bookkeeping.read_metrics(tmp_path / "one"), bookkeeping.read_metrics(tmp_path / "two")
+    assert len(two) == 1 and two[0]["reward_mean"] == pytest.approx(one[0]["reward_mean"], rel=1e-5)
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-3)              # every process's batches logged
+    assert output.count("done: metrics in") == 1                                   # process 0 alone reports
+
+
+def test_a_two_process_run_resumes_on_one_process_to_the_same_result(tiny_dir, prompt_file, tmp_path):
+    ddpo.main(run_args(ddpo, tiny_dir, prompt_file, tmp_path / "one", epochs=2))
+    torchrun(ddpo, run_args(ddpo, tiny_dir, prompt_file, tmp_path / "two", epochs=1))
+    ddpo.main(["--resume", str(tmp_path / "two"), "--num-epochs", "2"])
+    assert [r["epoch"] for r in bookkeeping.read_metrics(tmp_path / "two")] == [0, 1]
+    assert_same_weights(lora_weights(tmp_path / "two"), lora_weights(tmp_path / "one"))
+
+
+def test_a_process_other_than_the_first_writes_nothing(tiny_dir, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, value])
+    args = bookkeeping.parse_args(ddpo.Args, run_args(ddpo, tiny_dir, prompt_file, tmp_path / "out"))
+    ddpo.check_args(args)                                   # no hold on the directory, no config
+    bookkeeping.start_output(args, 0)
+    bookkeeping.end_epoch(None, None, None, args, 0, {"epoch": 0}, torch.rand(2, 3, 8, 8), ["a", "b"], None, {})
+    bookkeeping.finish(args)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_the_epochs_sampling_batches_must_be_shared_evenly(monkeypatch, tiny_dir, prompt_file, tmp_path):
+    monkeypatch.setattr(distributed, "world", lambda: 4)
+    args = bookkeeping.parse_args(ddpo.Args, run_args(ddpo, tiny_dir, prompt_file, tmp_path / "out") +
+                                  ["--sample-batches-per-epoch", "2", "--gradient-accumulation-steps", "1"])
+    with pytest.raises(bookkeeping.UserError, match="must be a multiple of the 4 processes"):
+        ddpo.check_args(args)

@@ -1,0 +1,91 @@
+"""Scale (issue 21): gradient checkpointing gives the same gradients for less memory; the frozen reference UNet of
+full fine-tuning is kept in the half dtype."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import d3po
+import ddpo
+import prdp
+
+T = 3
+
+
+@pytest.fixture(scope="module")
+def lora_policy(tiny_dir):
+    """A LoRA policy moved away from its no-op start (so that every adapter has a gradient), 2 prompts x 2 images
+    sampled from it with their reference log-probs, and advantages."""
+    pipe, params, autocast = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4, reference=True)
+    policy = common.Policy(pipe, common.encode_prompts(pipe, [""]), T, 5.0, 1.0, autocast)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    args = SimpleNamespace(sample_batch_size=4, sample_batches_per_epoch=1)
+    _, samples = common.sample_epoch(policy, args, ["a cat", "a dog"], g, images_per_prompt=2, progress=False)
+    return policy, params, samples, common.reference_log_probs(policy, samples, 4), torch.randn(4, generator=g)
+
+
+def each_scripts_loss_backward(name, policy, samples, ref_log_probs, rewards):
+    """Backpropagate the loss the script trains with, over every step of the 4 samples, as its training loop does."""
+    idx = torch.arange(4)
+    if name == "prdp":
+        args = SimpleNamespace(num_steps=T, images_per_prompt=2, beta=0.02, clip_eps=1e-4, train_batch_size=4)
+        prdp.rdp_backward(policy, samples, idx, ref_log_probs, rewards, args, lambda loss: loss)
+        return
+    for s in range(T):
+        log_probs = common.log_prob(policy, samples, idx, s)
+        if name == "ddpo":
+            loss, _ = ddpo.ddpo_loss(log_probs, samples.log_probs[:, s] - 0.01, rewards, 1e-4, 5.0)
+        else:
+            loss, _ = d3po.d3po_loss(log_probs.view(-1, 2), ref_log_probs[:, s].view(-1, 2), 0.1, 0.1)
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", ["ddpo", "d3po", "prdp"])
+def test_gradient_checkpointing_gives_each_scripts_loss_the_same_gradients(lora_policy, name):
+    policy, params, samples, ref_log_probs, rewards = lora_policy
+    unet, grads = policy.pipe.unet, {}
+    unet.train()
+    for checkpointing in (False, True):
+        unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
+        each_scripts_loss_backward(name, policy, samples, ref_log_probs, rewards)
+        grads[checkpointing] = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+    unet.disable_gradient_checkpointing()
+    assert max(float(g.abs().max()) for g in grads[False]) > 1e-5                 # a gradient worth comparing
+    for plain, checkpointed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-8)
+
+
+def saved_bytes(policy, samples):
+    """Bytes autograd keeps for the backward pass of one training step's log-prob."""
+    total = []
+
+    def pack(tensor):
+        total.append(tensor.numel() * tensor.element_size())
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        common.log_prob(policy, samples, torch.arange(4), 0)
+    return sum(total)
+
+
+def test_the_flag_turns_checkpointing_on_and_it_keeps_fewer_activations(tiny_dir, lora_policy):
+    policy, _, samples, _, _ = lora_policy
+    policy.pipe.unet.train()
+    plain = saved_bytes(policy, samples)
+    pipe, _, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4, gradient_checkpointing=True)
+    checkpointed = common.Policy(pipe, policy.negative_embeds, T, 5.0, 1.0)
+    pipe.unet.train()
+    pipe.scheduler.set_timesteps(T)
+    assert saved_bytes(checkpointed, samples) < 0.5 * plain
+
+
+def test_the_reference_unet_of_full_fine_tuning_is_kept_in_the_half_dtype(tiny_dir):
+    pipe, params, _ = common.load_pipeline(tiny_dir, "cpu", "bf16", lora_rank=0, reference=True)
+    reference = pipe.reference_unet
+    assert reference.dtype == torch.bfloat16 and not any(p.requires_grad for p in reference.parameters())
+    assert all(p.dtype == torch.float32 for p in params)                        # what trains stays in float32
