@@ -5,6 +5,7 @@ most the epoch it was in.
 """
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -176,6 +177,8 @@ def check_args(args, group=1, part_of_group=False):
     if tbs % group and not (part_of_group and tbs < group) or epoch % group:
         raise UserError(f"--train-batch-size {args.train_batch_size}, and the images of an epoch, must be whole groups "
                         f"of the {group} images that are compared.")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard.")
     if args.sample_batches_per_epoch % distributed.world():
         raise UserError(f"--sample-batches-per-epoch {args.sample_batches_per_epoch} must be a multiple of the "
                         f"{distributed.world()} processes, which share the epoch's sampling batches.")
@@ -477,12 +480,32 @@ def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, re
     save_grid(images[:grid_size], captions[:grid_size],
               os.path.join(args.output_dir, "samples", f"epoch_{epoch:04d}.png"))
     append_metrics(args.output_dir, metrics)
+    if args.tensorboard:
+        tensorboard_log(args.output_dir, metrics)
     save_curves(read_metrics(args.output_dir), os.path.join(args.output_dir, "curves.png"))
     save_checkpoint(pipe, optimizer, scaler, epoch, extra, args.output_dir)
 
 
+TENSORBOARD = {}  # output directory -> its open TensorBoard writer
+
+
+def tensorboard_log(output_dir, row):
+    """The epoch's numbers as TensorBoard scalars (step = epoch), in <output_dir>/tensorboard, flushed at once so that
+    a long run can be watched live (`tensorboard --logdir <output_dir>`)."""
+    from torch.utils.tensorboard import SummaryWriter
+    if output_dir not in TENSORBOARD:
+        TENSORBOARD[output_dir] = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+    writer = TENSORBOARD[output_dir]
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()
+
+
 def finish(args):
     main = distributed.is_main()
+    if args.output_dir in TENSORBOARD:
+        TENSORBOARD.pop(args.output_dir).close()
     distributed.finish()
     if not main:
         return

@@ -51,6 +51,8 @@ class Args:
                                choices=["auto", "no", "fp16", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: much less "
                                        "memory for about a third more training time (README.md, \"Tiers\")")
+    tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
+                            "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     resume: str = arg(None, "continue the run in this output directory from its last finished epoch")
     # --- PRDP's own ---

@@ -1,10 +1,12 @@
 """Scale (issue 21): gradient checkpointing gives the same gradients for less memory; the frozen reference UNet of
-full fine-tuning is kept in the half dtype."""
+full fine-tuning is kept in the half dtype; metrics go to TensorBoard on request."""
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import bookkeeping
 import common
 import d3po
 import ddpo
@@ -89,3 +91,22 @@ def test_the_reference_unet_of_full_fine_tuning_is_kept_in_the_half_dtype(tiny_d
     reference = pipe.reference_unet
     assert reference.dtype == torch.bfloat16 and not any(p.requires_grad for p in reference.parameters())
     assert all(p.dtype == torch.float32 for p in params)                        # what trains stays in float32
+
+
+def test_tensorboard_logs_each_epochs_metrics_and_is_refused_without_its_package(tiny_dir, prompt_file, tmp_path,
+                                                                                 monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    ddpo.main(["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(out), "--num-epochs", "2",
+               "--resolution", "32", "--num-steps", "2", "--sample-batch-size", "2", "--sample-batches-per-epoch", "1",
+               "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--device", "cpu", "--tensorboard"])
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    rows = bookkeeping.read_metrics(out)
+    logged = [(e.step, e.value) for e in events.Scalars("reward_mean")]
+    assert logged == [(r["epoch"], pytest.approx(r["reward_mean"], rel=1e-6)) for r in rows] and len(logged) == 2
+    assert {"loss", "approx_kl", "seconds"} <= set(events.Tags()["scalars"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real_find_spec(name))
+    with pytest.raises(common.UserError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+        ddpo.main(["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(tmp_path / "other"),
+                   "--device", "cpu", "--tensorboard"])
