@@ -84,10 +84,12 @@ def minimum_calls(algorithm, args, rows):
     elif algorithm == "prdp":
         B, K = args.images_per_prompt, args.grad_steps_per_epoch
         calls["reference"] = sum(-(-B * r["trained_prompts"] // args.sample_batch_size) for r in rows) * T
-        per_batch = args.train_batch_size // B
-        batches = [-(-min(args.gradient_accumulation_steps * per_batch, r["trained_prompts"]) // per_batch)
-                   for r in rows]  # training batches in each gradient step of an epoch
-        calls["train"] = sum(batches) * (2 * K - 1) * T
+        # a loss batch is whole prompts (per_batch of them), in UNet calls of at most --train-batch-size images
+        per_batch, chunks = max(1, args.train_batch_size // B), max(1, B // args.train_batch_size)
+        step_prompts = args.train_batch_size * args.gradient_accumulation_steps // B
+        batches = [-(-min(step_prompts, r["trained_prompts"]) // per_batch)
+                   for r in rows]  # loss batches in each gradient step of an epoch
+        calls["train"] = sum(batches) * chunks * (2 * K - 1) * T
     else:
         raise ValueError(algorithm)
     return calls

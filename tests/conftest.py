@@ -13,7 +13,7 @@ from tiny_pipeline import make_tiny_pipeline  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes of training on the toy model; leave out with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: minutes of training, or several processes; leave out with -m 'not slow'")
 
 
 @pytest.fixture(scope="session")

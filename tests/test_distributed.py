@@ -53,6 +53,7 @@ def assert_same_weights(a, b, lr=1e-2):
     assert diffs.max() < lr / 4 and diffs.mean() < lr / 1000, (float(diffs.max()), float(diffs.mean()))
 
 
+@pytest.mark.slow  # torchrun starts two processes that each load the pipeline: 20 s a script
 @pytest.mark.parametrize("module", [ddpo, d3po, prdp], ids=lambda m: m.__name__)
 def test_two_processes_train_the_weights_one_process_trains(module, tiny_dir, prompt_file, tmp_path):
     """Every optimiser step sums the two processes' gradients (a step whose weights differ between the processes
@@ -66,6 +67,7 @@ def test_two_processes_train_the_weights_one_process_trains(module, tiny_dir, pr
     assert output.count("done: metrics in") == 1                                   # process 0 alone reports
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_on_one_process_to_the_same_result(tiny_dir, prompt_file, tmp_path):
     ddpo.main(run_args(ddpo, tiny_dir, prompt_file, tmp_path / "one", epochs=2))
     torchrun(ddpo, run_args(ddpo, tiny_dir, prompt_file, tmp_path / "two", epochs=1))

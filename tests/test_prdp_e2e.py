@@ -78,10 +78,14 @@ def test_a_training_batch_smaller_than_a_prompts_images_trains_the_same_steps(fi
     whole prompts (6 accumulated batches instead of 2 of 3), so the same losses (test_prdp_loss checks that the
     gradient is the same; Adam's first steps, about lr x sign(g), make weights a poor witness of float-level
     differences in g)."""
+    import speed
     out = tmp_path / "chunked"
-    prdp.main(tiny_args(tiny_dir, prompt_file, out, 1, "--train-batch-size", "1", "--gradient-accumulation-steps",
-                        "6"))
+    argv = tiny_args(tiny_dir, prompt_file, out, 1, "--train-batch-size", "1", "--gradient-accumulation-steps", "6")
+    with speed.count_unet_calls() as counts:
+        prdp.main(argv)
     chunked, whole = bookkeeping.read_metrics(str(out))[0], bookkeeping.read_metrics(str(finished_run[0]))[0]
+    minimum = speed.minimum_calls("prdp", bookkeeping.parse_args(prdp.Args, argv), [chunked])
+    assert counts["train"] == minimum["train"] and counts["reference"] == minimum["reference"]
     assert chunked["reward_mean"] == whole["reward_mean"] and chunked["pairs"] == whole["pairs"]
     for key in ("loss", "predicted_diff"):
         assert chunked[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-7), key
