@@ -83,6 +83,12 @@ def hub_file(where):
     return hf_hub_download(repo, filename)
 
 
+def loading_dtype(where, device):
+    """Say which reward model loads (its download's progress follows, the first time); its dtype: half on a GPU."""
+    print(f"loading the reward model {where} (the first time, the hub downloads it)", flush=True)
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_clip(model_key, processor_key, device):
     """A CLIP model, frozen, in half precision on a GPU, and its processor: loaded once per run and device."""
     return _load_clip(model_key, processor_key, device, source(model_key), source(processor_key))
@@ -91,8 +97,7 @@ def load_clip(model_key, processor_key, device):
 @functools.lru_cache(maxsize=None)
 def _load_clip(model_key, processor_key, device, *sources):  # (the sources are in the cache's key)
     from transformers import AutoProcessor, CLIPModel
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    print(f"loading the reward model {source(model_key)} (the first time, the hub downloads it)", flush=True)
+    dtype = loading_dtype(source(model_key), device)
     model = loading(model_key, lambda where: CLIPModel.from_pretrained(where, dtype=dtype))
     processor = loading(processor_key, AutoProcessor.from_pretrained)
     return model.to(device).eval().requires_grad_(False), processor
@@ -167,8 +172,7 @@ def _load_hpsv2(device, *sources):
     import pickle
 
     from transformers import AutoProcessor, CLIPConfig, CLIPModel
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    print(f"loading the reward model {sources[0]} (the first time, the hub downloads it)", flush=True)
+    dtype = loading_dtype(sources[0], device)
 
     def load(where):
         try:
