@@ -121,7 +121,7 @@ def parse_args(args_class, argv=None, description=None, presets=None):
             raise UserError(f"--resume {ns['resume']!r}: no config.json there, so it is not a run directory.")
         ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
         ns["output_dir"] = ns["resume"]
-    ns["device"] = distributed.setup(ns["device"])  # under torchrun: this process's GPU (distributed.py)
+    ns["device"] = distributed.setup(ns["device"], ns["gradient_checkpointing"])  # under torchrun: this process's GPU
     return args_class(**ns)
 
 

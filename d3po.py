@@ -49,8 +49,8 @@ class Args:
                             choices=["attention", "cross-attention"])
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
-    gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: less memory "
-                                       "for a tenth to a fifth more training time on a CPU (README.md, \"Scale\")")
+    gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass, and on a CPU "
+                                       "give freed memory back at once: less memory, more time (README.md, \"Scale\")")
     tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
                             "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
