@@ -380,6 +380,20 @@ def save_curves(rows, path):
     plt.close(figure)
 
 
+CURVES_EVERY = 30.0  # seconds: a plot takes about half a second, a toy model's epoch a few
+CURVES_DRAWN = {}    # output directory -> (time.monotonic(), metrics rows) of its last curves.png
+
+
+def draw_curves(output_dir, final=False):
+    """Redraw curves.png from metrics.jsonl at most every CURVES_EVERY seconds, and at the run's end (final) if an
+    epoch came since."""
+    rows = read_metrics(output_dir)
+    last, drawn = CURVES_DRAWN.get(output_dir, (-math.inf, 0))
+    if rows and len(rows) != drawn and (final or time.monotonic() - last >= CURVES_EVERY):
+        save_curves(rows, os.path.join(output_dir, "curves.png"))
+        CURVES_DRAWN[output_dir] = time.monotonic(), len(rows)
+
+
 # ---- Checkpoints, resuming, and the weights diffusers loads ----------------------------------------------------------
 
 def save_checkpoint(pipe, optimizer, scaler, epoch, extra, output_dir):
@@ -469,8 +483,8 @@ def start_output(args, start_epoch):
 
 
 def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, rewards, extra, grid_size=16):
-    """Image grid, a metrics line, the curves so far, then the checkpoint: an interruption at any point loses at
-    most this epoch. (Process 0's work under torchrun.)"""
+    """Image grid, a metrics line, the curves so far (at most every CURVES_EVERY seconds), then the checkpoint: an
+    interruption at any point loses at most this epoch. (Process 0's work under torchrun.)"""
     if not distributed.is_main():
         return
     captions = list(prompts)
@@ -482,7 +496,7 @@ def end_epoch(pipe, optimizer, scaler, args, epoch, metrics, images, prompts, re
     append_metrics(args.output_dir, metrics)
     if args.tensorboard:
         tensorboard_log(args.output_dir, metrics)
-    save_curves(read_metrics(args.output_dir), os.path.join(args.output_dir, "curves.png"))
+    draw_curves(args.output_dir)
     save_checkpoint(pipe, optimizer, scaler, epoch, extra, args.output_dir)
 
 
@@ -509,6 +523,7 @@ def finish(args):
     distributed.finish()
     if not main:
         return
+    draw_curves(args.output_dir, final=True)
     release_output_dir(args)
     print(f"done: metrics in {args.output_dir}/metrics.jsonl, image grids in {args.output_dir}/samples/, "
           f"weights in {args.output_dir}/{'lora' if args.lora_rank > 0 else 'unet'}", flush=True)
