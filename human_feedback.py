@@ -3,10 +3,12 @@ its checks, and reading a scored round back. d3po.py uses it (--sample-only, --l
 
 A round directory holds config.json (the run's settings), trajectories.safetensors (every latent and log-prob, so
 training needs no resampling), sheets/NNNN.png (a contact sheet per prompt, images numbered #0, #1, ...),
-labels_template.json, and labels/<name>.json, one per person. Label format: LABEL_HELP.
+labels_template.json, and labels/<name>.json, one per person. Label format: LABEL_HELP. The labelling page
+(label.py) writes the same files, through label_file, check_entry and save_answer here.
 """
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ LABEL_HELP = ("a JSON list with one entry per prompt, in the order of the templa
 # the settings that define a round's trajectories and its reference model; training on it must use them
 ROUND_SETTINGS = ("model", "start_from", "resolution", "num_steps", "eta", "guidance_scale", "images_per_prompt")
 ROUND_FILES = ("config.json", "prompts.txt", "trajectories.safetensors", "labels_template.json")
+ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a name that is a safe file name on every system
 
 
 def sample_round(policy, args, prompts):
@@ -51,8 +54,9 @@ def sample_round(policy, args, prompts):
     bookkeeping.write_json(os.path.join(args.output_dir, "labels_template.json"), template)
     bookkeeping.atomic_write(os.path.join(args.output_dir, "prompts.txt"),
                              lambda p: open(p, "w", encoding="utf-8").write("".join(f"{q}\n" for q in prompts)))
-    print(f"sampled {len(prompts)} prompts x {n} images into {args.output_dir}: look at sheets/, copy "
-          f"labels_template.json to labels/<your name>.json and fill in the scores (higher is better)", flush=True)
+    print(f"sampled {len(prompts)} prompts x {n} images into {args.output_dir}: label them on a page in the "
+          f"browser, python label.py {args.output_dir} (or copy labels_template.json to labels/<your name>.json "
+          f"and fill in the scores, higher is better)", flush=True)
     bookkeeping.release_output_dir(args)
 
 
@@ -78,26 +82,77 @@ def read_labels(round_dir, prompts, images_per_prompt):
             n = len(entries) if isinstance(entries, list) else "no list of"
             raise UserError(f"{where} has {n} prompts but the round has {len(prompts)}; it must be {LABEL_HELP}.")
         for p, (entry, prompt) in enumerate(zip(entries, prompts)):
-            if not isinstance(entry, dict) or not isinstance(entry.get("scores"), list):
-                raise UserError(f"{where}, prompt {p}: the entry has no \"scores\" list; it must be {LABEL_HELP}.")
-            if entry.get("prompt", prompt) != prompt:
-                raise UserError(f"{where}, prompt {p}: {entry['prompt']!r} is not the round's {prompt!r}.")
-            if len(entry["scores"]) != images_per_prompt:
-                raise UserError(f"{where}, prompt {p} ({prompt!r}): {len(entry['scores'])} scores for "
-                                f"{images_per_prompt} images.")
-            for k, s in enumerate(entry["scores"]):
-                if isinstance(s, bool) or not isinstance(s, (int, float)) or not np.isfinite(s):
-                    raise UserError(f"{where}, prompt {p} ({prompt!r}), image #{k}: score {s!r} is not a number.")
+            check_entry(entry, prompt, images_per_prompt, f"{where}, prompt {p}")
         scores.append([entry["scores"] for entry in entries])
     return np.mean(np.array(scores, dtype=np.float64), axis=0)
 
 
-def round_config(round_dir):
+def check_entry(entry, prompt, images_per_prompt, where, unlabelled_ok=False):
+    """One prompt's entry of a label file: {"prompt": the round's prompt, "scores": one number per image}; with
+    unlabelled_ok, scores that are all null (a prompt not labelled yet, as in the template) pass too."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("scores"), list):
+        raise UserError(f"{where}: the entry has no \"scores\" list; it must be {LABEL_HELP}.")
+    if entry.get("prompt", prompt) != prompt:
+        raise UserError(f"{where}: {entry['prompt']!r} is not the round's {prompt!r}.")
+    where, scores = f"{where} ({prompt!r})", entry["scores"]
+    if len(scores) != images_per_prompt:
+        raise UserError(f"{where}: {len(scores)} scores for {images_per_prompt} images.")
+    if all(s is None for s in scores):
+        if unlabelled_ok:
+            return
+        raise UserError(f"{where} is not labelled yet (its scores are null): finish it, on the labelling page "
+                        f"(python label.py ROUND) or by hand.")
+    for k, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not np.isfinite(s):
+            raise UserError(f"{where}, image #{k}: score {s!r} is not a number.")
+
+
+def label_file(round_dir, annotator):
+    """The label file of one annotator, round_dir/labels/<annotator>.json; the name must be a safe file name."""
+    if not isinstance(annotator, str) or not ANNOTATOR.fullmatch(annotator):
+        raise UserError(f"the annotator name {annotator!r} cannot name a file: use 1 to 64 letters, digits, '_' or "
+                        f"'-', starting with a letter or digit.")
+    return os.path.join(round_dir, "labels", annotator + ".json")
+
+
+def read_answers(round_dir, annotator, template):
+    """An annotator's label file as a list of entries, or a copy of the template where there is none yet."""
+    path = label_file(round_dir, annotator)
+    if not os.path.isfile(path):
+        return [dict(entry, scores=[None] * len(entry["scores"])) for entry in template]
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError):  # not a file, not UTF-8, not JSON
+        raise UserError(f"{path} cannot be read as JSON; it must be {LABEL_HELP}.")
+    if not isinstance(entries, list) or len(entries) != len(template):
+        raise UserError(f"{path} does not hold the round's {len(template)} prompts; it must be {LABEL_HELP}.")
+    for p, (entry, t) in enumerate(zip(entries, template)):
+        check_entry(entry, t["prompt"], len(t["scores"]), f"{path}, prompt {p}", unlabelled_ok=True)
+    return entries
+
+
+def save_answer(round_dir, annotator, template, p, scores):
+    """Set prompt p's scores in the annotator's label file (null scores: not labelled) and write the file
+    atomically, so that an interruption leaves the previous one whole. Returns the entries written."""
+    entries = read_answers(round_dir, annotator, template)
+    if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < len(entries):
+        raise UserError(f"prompt {p!r} is not one of the round's {len(entries)} prompts (0 to {len(entries) - 1}).")
+    entry = dict(entries[p], scores=scores)
+    check_entry(entry, template[p]["prompt"], len(template[p]["scores"]), f"prompt {p}", unlabelled_ok=True)
+    entries[p] = entry
+    os.makedirs(os.path.join(round_dir, "labels"), exist_ok=True)
+    bookkeeping.write_json(label_file(round_dir, annotator), entries)
+    return entries
+
+
+def round_config(round_dir, flag="--labels"):
+    """The config of a round written by --sample-only; one sentence (naming `flag`) for a directory that is not."""
     missing = [f for f in ROUND_FILES if not os.path.isfile(os.path.join(round_dir, f))]
     if missing:
-        raise UserError(f"--labels {round_dir!r}: no {' or '.join(missing)} there, so it is not a round written by "
-                        f"--sample-only.")
-    return bookkeeping.read_config(round_dir, "--labels")
+        raise UserError(f"{flag} {round_dir!r}: no {' or '.join(missing)} there, so it is not a round written by "
+                        f"d3po.py --sample-only.")
+    return bookkeeping.read_config(round_dir, flag)
 
 
 def adopt_round_settings(args):

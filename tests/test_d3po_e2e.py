@@ -159,7 +159,7 @@ def test_a_round_without_labels_is_refused(first_round, tiny_dir, prompt_file, t
         (r / f).write_bytes((first_round / "round1" / f).read_bytes())
     with pytest.raises(common.UserError, match="no label files"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
-    with pytest.raises(common.UserError, match="not a round written by --sample-only"):
+    with pytest.raises(common.UserError, match="not a round written by d3po.py --sample-only"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(tmp_path)))
     (r / "labels_template.json").unlink()
     with pytest.raises(common.UserError, match="no labels_template.json there, so it is not a round"):
