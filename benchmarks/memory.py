@@ -12,7 +12,8 @@ smaller), built from configs and saved once into --cache. Each run is its own pr
 own: one epoch of LoRA rank 4, one sample a sampling batch (D3PO: one pair; PRDP: one prompt's two images, UNet
 batches of one in training), a training batch of one, 512 px, the JPEG-compressibility reward; 4 denoising steps
 on the CPU, the papers' 50 (DDPO, PRDP) or 20 (D3PO) on a GPU. It prints the peak resident memory of the process
-(and CUDA's peak allocated and reserved memory), and the seconds of sampling, reference log-probs and training.
+(and CUDA's peak allocated and reserved memory), and the seconds of sampling, reference log-probs and training;
+an epoch's seconds also count writing its outputs (grid, metrics, curves, checkpoint), as TRL's count all it does.
 
 --trl-python runs Hugging Face TRL 0.23.1's DDPOTrainer (its last release with DDPO) on the same pipeline and
 settings, with the Python of a virtual environment where trl is installed (never a dependency of this project):
@@ -88,15 +89,18 @@ def child_ours(job):
     import bookkeeping
     import common
     module = importlib.import_module(job["script"])
-    reference, original = [0.0], common.reference_log_probs
+    reference, writing = [0.0], [0.0]
 
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            reference[0] += time.perf_counter() - start
-    common.reference_log_probs = timed
+    def timed(function, total):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - start
+        return wrapper
+    common.reference_log_probs = timed(common.reference_log_probs, reference)
+    bookkeeping.end_epoch = timed(bookkeeping.end_epoch, writing)  # the epoch's grid, metrics, curves, checkpoint
     import resource
     loaded, sampled, load, sample_ = [0.0], [0.0], common.load_policy, common.sample_epoch
 
@@ -114,7 +118,7 @@ def child_ours(job):
     rows = bookkeeping.read_metrics(job["output_dir"])  # the mean epoch, the first one's warm-up included
     sample, train = (sum(row[key] for row in rows) / len(rows) for key in ("sample_seconds", "train_seconds"))
     return {"sampling_s": sample - reference[0] / len(rows), "reference_s": reference[0] / len(rows),
-            "training_s": train, "epoch_s": sample + train, "rss_after_loading_gib": loaded[0],
+            "training_s": train, "epoch_s": sample + train + writing[0] / len(rows), "rss_after_loading_gib": loaded[0],
             "rss_after_sampling_gib": sampled[0]}
 
 
@@ -128,6 +132,10 @@ def child_trl(job):
     from PIL import Image
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     PartialState()  # TRL's pipeline logs through accelerate, which wants its state first
+    if job.get("returned"):  # glibc told to give freed memory back, as this project's scripts do
+        sys.path.insert(0, ROOT)
+        import distributed
+        distributed.return_freed_memory()
 
     def compressibility(images, prompts, metadata):
         sizes = []
@@ -163,12 +171,12 @@ def run_child(python, job):
 
 
 def table(rows):
-    lines = [f"{'run':<38}{'peak RSS GiB':>13}{'(loaded':>8}{'sampled)':>9}{'CUDA alloc':>11}{'reserved':>9}"
+    lines = [f"{'run':<48}{'peak RSS GiB':>13}{'(loaded':>8}{'sampled)':>9}{'CUDA alloc':>11}{'reserved':>9}"
              f"{'sampling s':>11}{'reference s':>12}{'training s':>11}{'epoch s':>9}"]
     for r in rows:
         def cell(key, width, fmt):
             return f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}}"
-        lines.append(f"{r['label']:<38}{cell('peak_rss_gib', 13, '.2f')}{cell('rss_after_loading_gib', 8, '.2f')}"
+        lines.append(f"{r['label']:<48}{cell('peak_rss_gib', 13, '.2f')}{cell('rss_after_loading_gib', 8, '.2f')}"
                      f"{cell('rss_after_sampling_gib', 9, '.2f')}{cell('cuda_allocated_gib', 11, '.2f')}"
                      f"{cell('cuda_reserved_gib', 9, '.2f')}{cell('sampling_s', 11, '.1f')}"
                      f"{cell('reference_s', 12, '.1f')}{cell('training_s', 11, '.1f')}{cell('epoch_s', 9, '.1f')}")
@@ -181,6 +189,8 @@ def main():
     parser.add_argument("--gradient-checkpointing", default="both", choices=["off", "on", "both"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--trl-python", help="the python of a virtual environment with trl 0.23.1: DDPO beside it")
+    parser.add_argument("--trl-returned", action="store_true", help="also run TRL with freed memory given back "
+                        "to the system, as this project's scripts do (distributed.return_freed_memory): like for like")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp",
                                                        "sd15-random"), help="where the random SD v1.5 is saved")
     parser.add_argument("--model", help="another pipeline instead (tiny: tests/tiny_pipeline.py's, 32 px)")
@@ -227,11 +237,12 @@ def main():
                     *(["--gradient-checkpointing"] * gc)]
             jobs.append((sys.executable, dict(label=label, script=script, argv=argv, output_dir=out,
                                               device=opts.device)))
-            if script == "ddpo" and opts.trl_python:
-                jobs.append((opts.trl_python, dict(label=f"TRL 0.23.1 DDPOTrainer{' +checkpointing' * gc}",
-                                                   script="trl", model=model, output_dir=out + "-trl",
-                                                   steps=steps, device=opts.device, epochs=opts.epochs,
-                                                   gradient_checkpointing=gc, batches=trl_batches)))
+            for returned in ([False, True] if opts.trl_returned else [False]) if script == "ddpo" else []:
+                if opts.trl_python:
+                    jobs.append((opts.trl_python, dict(
+                        label=f"TRL 0.23.1 DDPOTrainer{' +checkpointing' * gc}{' +returned' * returned}",
+                        script="trl", model=model, output_dir=out + "-trl", steps=steps, device=opts.device,
+                        epochs=opts.epochs, gradient_checkpointing=gc, batches=trl_batches, returned=returned)))
     rows = []
     for python, job in jobs:
         print(f"running {job['label']} ...", flush=True)
@@ -242,17 +253,21 @@ def main():
             f"{opts.device}, {time.strftime('%Y-%m-%d')}: {' '.join(sys.argv[1:])}", table(rows)]
     for gc in checkpointing:
         suffix = " +checkpointing" * gc
-        trl, mine = ours.get(f"TRL 0.23.1 DDPOTrainer{suffix}"), ours.get(f"ddpo.py{suffix}")
-        if trl and mine:
-            text.append(f"ddpo.py{suffix} / TRL{suffix}: peak RSS {mine['peak_rss_gib'] / trl['peak_rss_gib']:.2f}, "
-                        f"epoch time {mine['epoch_s'] / trl['epoch_s']:.2f}")
+        mine = ours.get(f"ddpo.py{suffix}")
+        for returned in ("", " +returned"):
+            trl = ours.get(f"TRL 0.23.1 DDPOTrainer{suffix}{returned}")
+            if trl and mine:
+                text.append(f"ddpo.py{suffix} / TRL{suffix}{returned}: peak RSS "
+                            f"{mine['peak_rss_gib'] / trl['peak_rss_gib']:.2f}, "
+                            f"epoch time {mine['epoch_s'] / trl['epoch_s']:.2f}")
     if opts.trl_python and len(checkpointing) == 2 and "ddpo.py +checkpointing" in ours:
         trl = ours["TRL 0.23.1 DDPOTrainer"]
         text.append(f"ddpo.py +checkpointing / TRL: peak RSS "
                     f"{ours['ddpo.py +checkpointing']['peak_rss_gib'] / trl['peak_rss_gib']:.2f}")
     print("\n" + "\n".join(text))
     os.makedirs(opts.results, exist_ok=True)
-    name = f"memory_{'tiny_' * (opts.model == 'tiny')}{opts.device}_{'_'.join(opts.scripts)}.txt"
+    name = (f"memory_{'tiny_' * (opts.model == 'tiny')}{opts.device}_{'_'.join(opts.scripts)}"
+            f"{'' if opts.gradient_checkpointing == 'both' else '_checkpointing_' + opts.gradient_checkpointing}.txt")
     with open(os.path.join(opts.results, name), "w") as f:
         f.write("\n".join(text) + "\n")
     with open(os.path.join(opts.results, name.replace(".txt", ".json")), "w") as f:
