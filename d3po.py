@@ -122,7 +122,7 @@ def main(argv=None):
     start_epoch, extra = resumed or (0, {})
     bookkeeping.start_output(args, start_epoch)
     if args.labels:  # ALGO LOGIC: human feedback, 3: the scored round's pairs, the same ones every epoch
-        prompts, samples, scores, prompt_pairs, ref_log_probs = human_feedback.load_round(policy, args)
+        prompts, labelled, scores, prompt_pairs, ref_log_probs = human_feedback.load_round(policy, args)
         pairs, batch_prompts, rewards = preferences(scores, prompt_pairs), prompts[:16], None
 
     for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", initial=start_epoch, total=args.num_epochs):
@@ -131,7 +131,9 @@ def main(argv=None):
         # ---- 1. ALGO LOGIC: sample images with the current policy (this epoch's pi_old) and score them ----
         policy.pipe.unet.eval()
         with bookkeeping.Timer() as sample_timer:
-            if not args.labels:
+            if args.labels:
+                samples = labelled  # the round's trajectories, trained on every epoch
+            else:
                 batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, images_per_prompt=2,
                                                              shared_noise=True)  # a pair of images from one x_T
                 rewards = torch.stack([compute_rewards(fn, samples.images, batch_prompts, epoch)
@@ -169,6 +171,7 @@ def main(argv=None):
             samples.images = common.evaluate(policy, batch_prompts, args.seed)
         bookkeeping.end_epoch(policy.pipe, optimizer, scaler, args, epoch, metrics, samples.images, batch_prompts,
                               rewards, extra)
+        del samples  # this epoch's trajectories are not kept (on the GPU) through the next epoch's sampling
     bookkeeping.finish(args)
 
 

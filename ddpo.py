@@ -165,6 +165,7 @@ def main(argv=None):
         metrics = bookkeeping.epoch_metrics(epoch, rewards, info, sample_timer, train_timer, args.reward)
         bookkeeping.end_epoch(policy.pipe, optimizer, scaler, args, epoch, metrics, samples.images, batch_prompts,
                               rewards, extra)
+        del samples  # this epoch's trajectories are not kept (on the GPU) through the next epoch's sampling
     bookkeeping.finish(args)
 
 

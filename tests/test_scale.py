@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -142,3 +143,26 @@ def test_freed_tensors_go_back_to_the_system_on_the_cpu():
         return float(out.stdout.split()[-1])
     assert kept("keep") >= 64  # the behaviour that the fix is for, so that the test below can fail
     assert kept("return") < 16
+
+
+@pytest.mark.parametrize("name", ["ddpo", "d3po", "prdp"])
+def test_an_epochs_trajectories_are_freed_before_the_next_epoch_samples(tiny_dir, prompt_file, tmp_path, monkeypatch,
+                                                                        name):
+    """Nothing of an epoch's samples is kept (on the GPU) while the next epoch samples: its latents are gone."""
+    refs, alive, sample_epoch = [], [], common.sample_epoch
+
+    def watched(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in refs))  # earlier epochs' latents, still held somewhere
+        prompts, samples = sample_epoch(*args, **kwargs)
+        refs.append(weakref.ref(samples.latents))
+        return prompts, samples
+    monkeypatch.setattr(common, "sample_epoch", watched)
+    own = {"ddpo": ["--sample-batch-size", "2", "--train-batch-size", "2"],
+           "d3po": ["--sample-batch-size", "2", "--train-batch-size", "2"],
+           "prdp": ["--sample-batch-size", "2", "--train-batch-size", "2", "--images-per-prompt", "2",
+                    "--grad-steps-per-epoch", "1"]}[name]
+    {"ddpo": ddpo, "d3po": d3po, "prdp": prdp}[name].main(
+        ["--model", tiny_dir, "--prompt-file", prompt_file, "--output-dir", str(tmp_path / name), "--num-epochs", "3",
+         "--resolution", "32", "--num-steps", "2", "--sample-batches-per-epoch", "1", "--gradient-accumulation-steps",
+         "1", "--device", "cpu", *own])
+    assert alive == [0, 0, 0]
