@@ -22,13 +22,13 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 from PIL import Image
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 import bookkeeping
 import human_feedback
 from common import UserError
+from rewards import to_uint8
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "label_page")
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"), "/label.js": ("label.js", "text/javascript"),
@@ -62,16 +62,14 @@ class Round:
         if not (0 <= p < len(self.template) and 0 <= k < self.k):
             return None
         if (p, k) not in self.png:
-            pixels = (np.clip(self.images[p * self.k + k], 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
             buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, format="PNG")
+            Image.fromarray(to_uint8(self.images[p * self.k + k][None])[0]).save(buffer, format="PNG")
             self.png[p, k] = buffer.getvalue()
         return self.png[p, k]
 
     def summary(self):
-        size = self.images.shape[-1]
-        return {"path": self.dir, "size": size,
-                "images_per_prompt": self.k, "prompts": [entry["prompt"] for entry in self.template]}
+        return {"path": self.dir, "size": self.images.shape[-1], "images_per_prompt": self.k,
+                "prompts": [entry["prompt"] for entry in self.template]}
 
 
 def make_handler(round_, port):

@@ -193,7 +193,7 @@ def test_imports_run_one_way_from_the_scripts_to_the_helpers():
         imported = project_imports(os.path.join(ROOT, f"{helper}.py"))
         assert not imported & {"ddpo", "d3po", "prdp"}, helper
     assert project_imports(os.path.join(ROOT, "tutorials", "shapes_world.py")) == {"common"}
-    assert project_imports(os.path.join(ROOT, "label.py")) == {"bookkeeping", "common", "human_feedback"}
+    assert project_imports(os.path.join(ROOT, "label.py")) == {"bookkeeping", "common", "human_feedback", "rewards"}
     assert "bookkeeping" not in project_imports(os.path.join(ROOT, "rewards.py"))
 
 
