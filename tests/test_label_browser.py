@@ -131,8 +131,9 @@ def test_a_person_labels_a_toy_round_in_chromium_and_d3po_trains_on_it(browser, 
         holder["server"].shutdown()
         server.join(10)
 
-    # d3po.py trains on the file the page wrote, and the next round samples from the result
-    d3po.main(train[2:])
+    # d3po.py trains on the file the page wrote (two epochs of the README's ten: the test's time), and the next
+    # round samples from the result
+    d3po.main(train[2:] + ["--num-epochs", "2"])
     trained = tmp_path / train[train.index("--output-dir") + 1]
     assert bookkeeping.read_metrics(trained)[-1]["pairs"] == 15  # 3 pairs from each prompt but the alike one
     d3po.main(sample_next[2:])

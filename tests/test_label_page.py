@@ -5,8 +5,6 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -214,24 +212,25 @@ def test_a_write_interrupted_midway_leaves_the_previous_file_whole(tmp_path, mon
     assert path.read_bytes() == previous and label_files(path.parent) == ["erin.json"]
 
 
-def run_label(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "label.py"), *args], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+def run_label(capsys, *args):
+    """label.py's command line as `python label.py ...` runs it (bookkeeping.run_main): (exit status, stderr)."""
+    with pytest.raises(SystemExit) as stopped:
+        bookkeeping.run_main(lambda: label.main(list(args)))
+    return stopped.value.code, capsys.readouterr().err
 
 
-def test_a_folder_that_is_not_a_sampled_round_is_refused_in_one_sentence(tmp_path):
-    out = run_label(str(tmp_path))
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (
+def test_a_folder_that_is_not_a_sampled_round_is_refused_in_one_sentence(tmp_path, capsys):
+    status, err = run_label(capsys, str(tmp_path))
+    assert status == 2 and err == (
         f"error: label.py {str(tmp_path)!r}: no config.json or prompts.txt or trajectories.safetensors or "
-        f"labels_template.json there, so it is not a round written by d3po.py --sample-only.")
+        f"labels_template.json there, so it is not a round written by d3po.py --sample-only.\n")
 
 
-def test_a_port_in_use_is_refused_in_one_sentence(tmp_path):
+def test_a_port_in_use_is_refused_in_one_sentence(tmp_path, capsys):
     round_dir = make_round(tmp_path / "round")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        out = run_label(str(round_dir), "--port", str(taken.getsockname()[1]))
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "choose another --port" in out.stderr.strip().splitlines()[-1]
+        status, err = run_label(capsys, str(round_dir), "--port", str(taken.getsockname()[1]))
+    assert status == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+    assert err.endswith("choose another --port.\n")
