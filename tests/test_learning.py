@@ -41,18 +41,18 @@ def test_kl_estimate_is_zero_at_the_start_and_agrees_with_the_closed_form_of_the
                                   presets=d3po.PRESETS)
     policy, _ = common.load_policy(args, reference=True)
     prompts = bookkeeping.load_prompts(args.prompt_file)[:4]
-    start, grid = shapes.measure(policy, dataclasses.replace(args, sample_batch_size=8), prompts, 16, kl=True)
+    start, grid = shapes.measure(policy, dataclasses.replace(args, sample_batch_size=8), prompts, 8, kl=True)
     assert np.abs(start["kl"]).max() < 1e-2
-    eval_prompts = [p for p in prompts for _ in range(16)]  # the noise common.evaluate draws, whatever the batch
-    assert torch.equal(grid, common.evaluate(policy, eval_prompts, shapes.EVAL_SEED)[::16])
+    eval_prompts = [p for p in prompts for _ in range(8)]  # the noise common.evaluate draws, whatever the batch
+    assert torch.equal(grid, common.evaluate(policy, eval_prompts, shapes.EVAL_SEED)[::8])
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in policy.pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 5e-2)
-    got, _ = shapes.measure(policy, args, prompts, 16, kl=True)
+    got, _ = shapes.measure(policy, args, prompts, 8, kl=True)
     generator = torch.Generator("cpu").manual_seed(shapes.EVAL_SEED)  # the same trajectories again
-    _, samples = common.sample_epoch(policy, args, [p for p in prompts for _ in range(16)], generator, draw=False,
+    _, samples = common.sample_epoch(policy, args, [p for p in prompts for _ in range(8)], generator, draw=False,
                                      progress=False)
     scheduler = DDIMScheduler.from_config(policy.pipe.scheduler.config)
     scheduler.set_timesteps(args.num_steps)
