@@ -3,6 +3,8 @@ import os
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a model hub
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers of one thread each (and their subprocesses)
+    os.environ["OMP_NUM_THREADS"] = "1"  # not two each, fighting over two cores
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__)), os.path.join(ROOT, "benchmarks")]  # + speed, shapes
 

@@ -1,4 +1,5 @@
-"""The implementation details name the code they are about as `file.py::name`: every such name must exist."""
+"""The implementation details name the code they are about as `file.py::name`: every such name must exist; and CI
+runs the test command the README gives."""
 import ast
 import os
 import re
@@ -38,3 +39,12 @@ def test_the_check_finds_a_name_that_is_gone(tmp_path):
     module.write_text("def kept():\n    pass\n\nPRESETS = {}\n")
     assert references("see `m.py::kept` and `m.py::gone`") == [("m.py", "kept"), ("m.py", "gone")]
     assert top_level_names(str(module)) == {"kept", "PRESETS"}
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Test\n", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(.+)\n```", section).group(1)
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        last = [line for line in f.read().splitlines() if line.strip()][-1]
+    assert command.startswith("python -m pytest") and last == command
