@@ -68,23 +68,28 @@ def read_labels(round_dir, prompts, images_per_prompt):
     if not files:
         raise UserError(f"--labels {round_dir!r}: no label files in {label_dir}/ (copy labels_template.json "
                         f"there as <name>.json and fill in the scores).")
-    scores = []
-    for name in files:
-        where = os.path.join(label_dir, name)
-        try:
-            with open(where, encoding="utf-8") as f:
-                entries = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} is not valid JSON (line {e.lineno}); it must be {LABEL_HELP}.")
-        except UnicodeDecodeError:
-            raise UserError(f"{where} is not UTF-8 text; it must be {LABEL_HELP}.")
-        if not isinstance(entries, list) or len(entries) != len(prompts):
-            n = len(entries) if isinstance(entries, list) else "no list of"
-            raise UserError(f"{where} has {n} prompts but the round has {len(prompts)}; it must be {LABEL_HELP}.")
-        for p, (entry, prompt) in enumerate(zip(entries, prompts)):
-            check_entry(entry, prompt, images_per_prompt, f"{where}, prompt {p}")
-        scores.append([entry["scores"] for entry in entries])
+    scores = [[e["scores"] for e in load_label_file(os.path.join(label_dir, name), prompts, images_per_prompt)]
+              for name in files]
     return np.mean(np.array(scores, dtype=np.float64), axis=0)
+
+
+def load_label_file(path, prompts, images_per_prompt, unlabelled_ok=False):
+    """A label file's entries, one a prompt, each checked against the round (check_entry)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}); it must be {LABEL_HELP}.")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; it must be {LABEL_HELP}.")
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); it must be {LABEL_HELP}.")
+    if not isinstance(entries, list) or len(entries) != len(prompts):
+        n = len(entries) if isinstance(entries, list) else "no list of"
+        raise UserError(f"{path} has {n} prompts but the round has {len(prompts)}; it must be {LABEL_HELP}.")
+    for p, (entry, prompt) in enumerate(zip(entries, prompts)):
+        check_entry(entry, prompt, images_per_prompt, f"{path}, prompt {p}", unlabelled_ok)
+    return entries
 
 
 def check_entry(entry, prompt, images_per_prompt, where, unlabelled_ok=False):
@@ -120,16 +125,7 @@ def read_answers(round_dir, annotator, template):
     path = label_file(round_dir, annotator)
     if not os.path.isfile(path):
         return [dict(entry, scores=[None] * len(entry["scores"])) for entry in template]
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except (OSError, ValueError):  # not a file, not UTF-8, not JSON
-        raise UserError(f"{path} cannot be read as JSON; it must be {LABEL_HELP}.")
-    if not isinstance(entries, list) or len(entries) != len(template):
-        raise UserError(f"{path} does not hold the round's {len(template)} prompts; it must be {LABEL_HELP}.")
-    for p, (entry, t) in enumerate(zip(entries, template)):
-        check_entry(entry, t["prompt"], len(t["scores"]), f"{path}, prompt {p}", unlabelled_ok=True)
-    return entries
+    return load_label_file(path, [t["prompt"] for t in template], len(template[0]["scores"]), unlabelled_ok=True)
 
 
 def save_answer(round_dir, annotator, template, p, scores):

@@ -160,6 +160,23 @@ def test_a_malformed_answer_is_refused_with_its_reason_and_changes_nothing(serve
     assert status == 400 and error in json.loads(body)["error"] and files(round_dir) == before
 
 
+@pytest.mark.parametrize("content, error", [
+    (b"[{broken", "is not valid JSON (line 1)"),
+    (b"\xff\xfe[{", "is not UTF-8 text"),
+    (json.dumps([{"prompt": PROMPTS[0], "scores": [1, 0, -1]}]).encode(), "has 1 prompts but the round has 3"),
+    (json.dumps([{"prompt": p, "scores": [1, 0]} for p in PROMPTS]).encode(), "2 scores for 3 images")])
+def test_a_label_file_that_does_not_match_the_round_is_refused_and_kept(served, content, error):
+    """Read on the page or answered to, a damaged label file gets its reason, and is not written over."""
+    round_dir, server = served
+    (round_dir / "labels").mkdir()
+    (round_dir / "labels" / "fay.json").write_bytes(content)
+    before = files(round_dir)
+    for method, body in (("GET", None), ("POST", {"prompt": 0, "scores": [1, 0, -1]})):
+        status, answer = request(server, method, "/api/labels/fay", body)
+        assert status == 400 and "fay.json" in json.loads(answer)["error"], method
+        assert error in json.loads(answer)["error"] and files(round_dir) == before, method
+
+
 def test_requests_that_could_come_from_another_site_are_refused(served):
     round_dir, server = served
     before = files(round_dir)
