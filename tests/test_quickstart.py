@@ -16,6 +16,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 SCRIPTS = ("ddpo", "d3po", "prdp")
+IMAGES = 4  # a prompt, on held-apart noise; as the exercises' capstone measures
 
 
 def quickstart_commands():
@@ -46,9 +47,9 @@ def test_readme_quickstart_runs_and_raises_the_objective(script, tmp_path):
     prompts = bookkeeping.load_prompts(args.prompt_file)
     key = (args.num_steps, args.guidance_scale, args.eta, args.resolution, tuple(prompts))
     if key not in BEFORE:
-        BEFORE[key] = shapes.measure(shapes.load_trained(args), args, prompts, images_per_prompt=8)[0]
+        BEFORE[key] = shapes.measure(shapes.load_trained(args), args, prompts, IMAGES)[0]
     before = BEFORE[key]
-    after, _ = shapes.measure(shapes.load_trained(args, str(tmp_path / run_dir)), args, prompts, images_per_prompt=8)
+    after, _ = shapes.measure(shapes.load_trained(args, str(tmp_path / run_dir)), args, prompts, IMAGES)
     change, se = after["area"] - before["area"], shapes.paired_se(before, after, "area")
     print(f"{script}: shape area on held-apart noise {before['area']:.1f}% -> {after['area']:.1f}% ({change:+.1f}, "
           f"s.e. {se:.2f}); the epochs' samples {100 * rewards[0]:.1f}% -> {100 * rewards[-1]:.1f}%")
