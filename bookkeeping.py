@@ -349,11 +349,13 @@ CURVE_SKIP = ("epoch", "reward_std", "sample_seconds", "train_seconds")
 
 def plot_curves(rows, columns=3):
     """A matplotlib figure of each numeric metric of metrics.jsonl rows against the epoch, one panel each:
-    reward_mean first, with a band of +- reward_std; each panel's title gives the first and last value."""
+    reward_mean first, with a band of +- reward_std; each panel's title gives the first and last value. A metric
+    that never changed in a run of several epochs (a clip that never acted, a fixed count) gets no panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [k for k in rows[0] if k not in CURVE_SKIP and isinstance(rows[0][k], (int, float))]
+    keys = [k for k in keys if len(rows) < 2 or len({json.dumps(r.get(k)) for r in rows}) > 1]  # flat: not drawn
     keys.sort(key=lambda k: k != "reward_mean")
     figure, axes = plt.subplots(math.ceil(len(keys) / columns), columns, squeeze=False,
                                 figsize=(3.2 * columns, 2.2 * math.ceil(len(keys) / columns)), layout="constrained")

@@ -63,6 +63,8 @@ class Args:
     images_per_prompt: int = arg(7, "with --sample-only: images of a prompt, from one x_T (D3PO: 7)", within="[2, inf)")
     labels: str = arg(None, "human feedback: train on this round, scored in its labels/ (a --sample-only dir)")
     start_from: str = arg(None, "a finished run whose weights start AND are the reference (the next round)")
+    shared_noise: bool = arg(True, "a pair's two images start from one x_T (D3PO); --no-shared-noise draws each its "
+                             "own, to measure what the shared start is worth (benchmarks/claims.py)")
 
 
 # Defaults for the shapes-world toy model (--model toy; flags you give still win); README.md, "Learning on a
@@ -135,7 +137,7 @@ def main(argv=None):
                 samples = labelled  # the round's trajectories, trained on every epoch
             else:
                 batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, images_per_prompt=2,
-                                                             shared_noise=True)  # a pair of images from one x_T
+                                                             shared_noise=args.shared_noise)  # from one x_T
                 rewards = torch.stack([compute_rewards(fn, samples.images, batch_prompts, epoch)
                                        for fn in reward_fns], 1)
                 # ---- 2. ALGO LOGIC: what to learn from the rewards: the winner of each pair; ties are dropped ----

@@ -68,8 +68,8 @@ class Args:
 PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
-    gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=0, beta=0.1, clip_eps=0.1, images_per_prompt=8,
-    grad_steps_per_epoch=1)}
+    gradient_accumulation_steps=1, learning_rate=3e-4, lora_rank=0, beta=0.1, clip_eps=0.1, images_per_prompt=8,
+    grad_steps_per_epoch=2)}
 
 
 # ALGO LOGIC: every unordered pair of a prompt's images whose rewards differ

@@ -71,12 +71,12 @@ def test_grid_has_one_cell_per_image(tmp_path):
 
 
 def test_curves_plot_each_metric_in_its_own_panel_with_the_reward_band(tmp_path):
-    rows = [{"epoch": e, "reward_mean": 0.1 * e, "reward_std": 0.05, "loss": 1.0 - 0.1 * e, "seconds": 3.0,
-             "pairs": 4, "sample_seconds": 1.0, "train_seconds": 2.0} for e in range(10)]
+    rows = [{"epoch": e, "reward_mean": 0.1 * e, "reward_std": 0.05, "loss": 1.0 - 0.1 * e, "seconds": 3.0 + e % 2,
+             "pairs": 4 + e, "clipfrac": 0.0, "sample_seconds": 1.0, "train_seconds": 2.0} for e in range(10)]
     rows[3]["loss"] = float("nan")  # an epoch that trained nothing: left out of its curve, not drawn as a gap
     figure = bookkeeping.plot_curves(rows)
     panels = [ax for ax in figure.axes if ax.get_visible()]
-    # reward_mean first; reward_std (the band) and the two phase times get no panel
+    # reward_mean first; reward_std (the band), the two phase times and a flat metric (clipfrac 0 throughout) get none
     assert [ax.get_title().split(":")[0] for ax in panels] == ["reward_mean", "loss", "seconds", "pairs"]
     assert panels[0].get_title() == "reward_mean: 0 -> 0.9" and panels[1].get_title() == "loss: 1 -> 0.1"
     reward_line, loss_line = panels[0].lines[0], panels[1].lines[0]
