@@ -142,10 +142,11 @@ def test_the_budget_check_sees_a_stray_change(tmp_path):
 
 
 def test_toy_presets_share_the_world_the_objective_and_the_budget():
-    """One task for three algorithms: the same prompts, reward, sampling, batches, rate, parameters and epochs."""
+    """One task for three algorithms: the same prompts, reward, sampling, samples an epoch, parameters and epochs.
+    How an epoch's samples are cut into optimiser steps is each algorithm's own (tests/test_mechanisms.py)."""
     shared = dict(prompt_file="tutorials/shapes.txt", reward="shape_area", resolution=32, num_steps=10,
                   guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
-                  gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=0, num_epochs=30)
+                  lora_rank=0, num_epochs=30)
     for module in MODULES.values():
         preset = module.PRESETS["toy"]
         for key, value in shared.items():
