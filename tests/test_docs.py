@@ -48,3 +48,19 @@ def test_ci_runs_exactly_the_readmes_test_command():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         last = [line for line in f.read().splitlines() if line.strip()][-1]
     assert command.startswith("python -m pytest") and last == command
+
+
+def test_every_relative_link_of_the_readmes_and_docs_resolves():
+    pages = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "tutorials", "README.md")] + [
+        os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")]
+    checked = 0
+    for page in pages:
+        with open(page) as f:
+            links = re.findall(r"\]\(([^)\s]+)\)", f.read())
+        for link in links:
+            if re.match(r"[a-z]+:", link) or link.startswith("#"):
+                continue  # a web address, or a place in the same page
+            target = os.path.normpath(os.path.join(os.path.dirname(page), link.split("#")[0]))
+            assert os.path.exists(target), f"{os.path.relpath(page, ROOT)} links to {link}, which does not exist"
+            checked += 1
+    assert checked >= 10
