@@ -29,6 +29,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import mean_se  # noqa: E402
 from shapes import ROOT, fine_tune, load_trained, measure  # noqa: E402
 
 import bookkeeping  # noqa: E402
@@ -49,11 +50,6 @@ SETTINGS = {
     "prdp-clip-off": ("prdp", ["--clip-eps", "1000"]),
     **{f"prdp-beta{b}": ("prdp", ["--beta", b]) for b in ("0.03", "0.3", "1", "3")},
 }
-
-
-def mean_se(x):
-    x = np.asarray(x, dtype=np.float64)
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def gains(results, label, key="area_gain"):
@@ -86,14 +82,15 @@ def judge_is_vs_sf(results):
         f"area gain IS {fmt(results, 'ddpo')} vs SF {fmt(results, 'ddpo-sf')} points at equal samples",)
 
 
-def judge_clip(results):
-    d, se = difference(results, "ddpo-clip-open", "ddpo", "kl")
-    dg, sg = difference(results, "ddpo-clip-open", "ddpo")
+def judge_clip(results, clipped="ddpo", opened="ddpo-clip-open"):
+    """The clip keeps the policy closer: more KL without it (DDPO's clip, or with prdp's labels PRDP's)."""
+    d, se = difference(results, opened, clipped, "kl")
+    dg, sg = difference(results, clipped, opened)
     verdict, why = verdict_of_difference(d, se, "without the clip the policy drifts further (more KL)",
                                          "the clip did not keep the policy closer")
-    return verdict, why, (f"KL {mean_se(gains(results, 'ddpo', 'kl'))[0]:.0f} with the clip vs "
-                          f"{mean_se(gains(results, 'ddpo-clip-open', 'kl'))[0]:.0f} nats without; area gain "
-                          f"{fmt(results, 'ddpo')} vs {fmt(results, 'ddpo-clip-open')} (difference {dg:+.1f} +- {sg:.1f})")
+    return verdict, why, (f"KL {mean_se(gains(results, clipped, 'kl'))[0]:.0f} with the clip vs "
+                          f"{mean_se(gains(results, opened, 'kl'))[0]:.0f} nats without; area gain "
+                          f"{fmt(results, clipped)} vs {fmt(results, opened)} (with minus without {dg:+.1f} +- {sg:.1f})")
 
 
 def judge_generalise(results):
@@ -133,13 +130,7 @@ def judge_beta(results):
 
 
 def judge_prdp_clip(results):
-    d, se = difference(results, "prdp-clip-off", "prdp", "kl")
-    dg, sg = difference(results, "prdp", "prdp-clip-off")
-    verdict, why = verdict_of_difference(d, se, "without the clip the policy drifts further (more KL)",
-                                         "the clip did not keep the policy closer")
-    return verdict, why, (f"KL {mean_se(gains(results, 'prdp', 'kl'))[0]:.0f} with the clip vs "
-                          f"{mean_se(gains(results, 'prdp-clip-off', 'kl'))[0]:.0f} nats without; area gain "
-                          f"{fmt(results, 'prdp')} vs {fmt(results, 'prdp-clip-off')} (difference {dg:+.1f} +- {sg:.1f})")
+    return judge_clip(results, "prdp", "prdp-clip-off")
 
 
 # name: what the paper claims, where, the settings that test it, epochs a run, and the judge
