@@ -284,8 +284,8 @@ def load_policy(args, reference=False):
     return Policy(pipe, encode_prompts(pipe, [""]), args.num_steps, args.guidance_scale, args.eta, autocast), params
 
 
-def load_start_weights(pipe, run_dir):
-    """Replace the pipeline's UNet weights by those a run saved in run_dir (lora/ is fused into the UNet)."""
+def load_start_weights(pipe, run_dir, flag="--start-from"):
+    """Load a run's lora/ (fused) or unet/ into the pipeline's UNet in place; another architecture's are refused."""
     from diffusers import UNet2DConditionModel
     lora, unet = os.path.join(run_dir, "lora"), os.path.join(run_dir, "unet")
     try:
@@ -294,10 +294,10 @@ def load_start_weights(pipe, run_dir):
             pipe.fuse_lora()
             pipe.unload_lora_weights()
         else:
-            pipe.unet = UNet2DConditionModel.from_pretrained(unet)
+            pipe.unet.load_state_dict(UNet2DConditionModel.from_pretrained(unet).state_dict())
     except Exception as e:  # no lora/ or unet/ (not a finished run), a truncated file, another model's weights
-        raise UserError(f"--start-from {run_dir!r}: no finished run's weights (lora/ or unet/) can be loaded from "
-                        f"there ({str(e).splitlines()[0]}).")
+        raise UserError(f"{flag} {run_dir!r}: no finished run's weights (lora/ or unet/) for this model can be loaded "
+                        f"from there ({str(e).splitlines()[0][:200]}).")
 
 
 @contextmanager

@@ -29,10 +29,10 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import mean_se  # noqa: E402
 from shapes import ROOT, fine_tune, load_trained, measure  # noqa: E402
 
 import bookkeeping  # noqa: E402
+from evaluate import diversity, mean_se  # noqa: E402
 
 PROMPTS = os.path.join(ROOT, "tutorials", "shapes.txt")
 HALF = "tutorials/shapes_half.txt"  # 12 of the 24 prompts, every colour, shape and size among them (generalisation)
@@ -48,7 +48,12 @@ SETTINGS = {
     "d3po-own-noise": ("d3po", ["--no-shared-noise"]),
     "prdp": ("prdp", []),
     "prdp-clip-off": ("prdp", ["--clip-eps", "1000"]),
-    **{f"prdp-beta{b}": ("prdp", ["--beta", b]) for b in ("0.03", "0.3", "1", "3")},
+    **{f"prdp-beta{b}": ("prdp", ["--beta", b]) for b in ("0.03", "1", "10")},
+    # PRDP's large scale in miniature (its Table 4: K = 1; prompts too many for each to have its own statistics):
+    # DDPO normalises each epoch's rewards together, as the reference code does for a prompt seen too rarely
+    "ddpo-sf-batch-baseline": ("ddpo", ["--estimator", "sf", "--inner-epochs", "1", "--learning-rate", "3e-4",
+                                        "--per-prompt-min-count", "1000"]),
+    "prdp-k1": ("prdp", ["--grad-steps-per-epoch", "1"]),
 }
 
 
@@ -105,8 +110,10 @@ def judge_d3po_vs_ddpo(results):
     (d3, d3_se), (dd, dd_se) = mean_se(gains(results, "d3po")), mean_se(gains(results, "ddpo"))
     fraction = d3 / dd if dd > 0 else float("nan")
     verdict = "reproduced" if fraction >= 0.8 else "partly" if fraction >= 0.5 else "not reproduced"
+    kl = {label: mean_se(gains(results, label, "kl"))[0] for label in ("d3po", "ddpo", "ddpo-sf")}
     return verdict, f"D3PO reached {fraction:.0%} of DDPO's gain", (
-        f"area gain D3PO {d3:+.1f} +- {d3_se:.1f} vs DDPO {dd:+.1f} +- {dd_se:.1f} at equal samples")
+        f"area gain D3PO {d3:+.1f} +- {d3_se:.1f} ({kl['d3po']:.0f} nats) vs DDPO {dd:+.1f} +- {dd_se:.1f} "
+        f"({kl['ddpo']:.0f} nats; its one-step SF {fmt(results, 'ddpo-sf')}, {kl['ddpo-sf']:.0f} nats) at equal samples")
 
 
 def judge_shared_noise(results):
@@ -115,7 +122,7 @@ def judge_shared_noise(results):
         f"area gain one x_T {fmt(results, 'd3po')} vs own noise {fmt(results, 'd3po-own-noise')}",)
 
 
-BETAS = ["prdp-beta0.03", "prdp", "prdp-beta0.3", "prdp-beta1", "prdp-beta3"]  # the preset's beta is 0.1
+BETAS = ["prdp-beta0.03", "prdp", "prdp-beta1", "prdp-beta10"]  # the preset's beta is 0.1
 
 
 def judge_beta(results):
@@ -131,6 +138,22 @@ def judge_beta(results):
 
 def judge_prdp_clip(results):
     return judge_clip(results, "prdp", "prdp-clip-off")
+
+
+def judge_large_scale(results):
+    """PRDP's finding: DDPO ends below the base model (gain < 0) while PRDP still gains (both by 2 s.e.)."""
+    (dd, dd_se), (pr, pr_se) = mean_se(gains(results, "ddpo-sf-batch-baseline")), mean_se(gains(results, "prdp-k1"))
+    d, se = difference(results, "prdp-k1", "ddpo-sf-batch-baseline")
+    if dd < -2 * dd_se and pr > 2 * pr_se:
+        verdict, why = "reproduced", "DDPO ended below the base model while PRDP gained"
+    elif d > 2 * se:
+        verdict, why = "partly", "PRDP gained more, but DDPO did not fall below the base model"
+    else:
+        verdict, why = "not reproduced", "DDPO did not do worse than PRDP"
+    return verdict, why, (f"area gain DDPO with batch-wide normalisation {dd:+.1f} +- {dd_se:.1f} (with per-prompt "
+                          f"{fmt(results, 'ddpo-sf')}) vs PRDP at K = 1 {pr:+.1f} +- {pr_se:.1f}; alignment change "
+                          f"{fmt(results, 'ddpo-sf-batch-baseline', 'alignment_change')} vs "
+                          f"{fmt(results, 'prdp-k1', 'alignment_change')}")
 
 
 # name: what the paper claims, where, the settings that test it, epochs a run, and the judge
@@ -150,7 +173,7 @@ CLAIMS = {
     "d3po-vs-ddpo": dict(
         claim="from preferences alone D3PO comes close to DDPO trained on the reward itself",
         source="D3PO's reward experiments (compressibility, aesthetic: 'nearly on par' with DDPO)",
-        settings=["d3po", "ddpo"], epochs=10, judge=judge_d3po_vs_ddpo),
+        settings=["d3po", "ddpo", "ddpo-sf"], epochs=10, judge=judge_d3po_vs_ddpo),
     "d3po-shared-noise": dict(
         claim="the two images of a pair start from one x_T",
         source="D3PO's method (a pair's trajectories share their initial noise)",
@@ -163,15 +186,13 @@ CLAIMS = {
         claim="with K > 1 proximal steps an epoch, the clip keeps the updates close to theta_old",
         source="PRDP Eq. 16-21 (proximal updates)",
         settings=["prdp", "prdp-clip-off"], epochs=10, judge=judge_prdp_clip),
+    "prdp-large-scale": dict(
+        claim="with one step an epoch on prompts too many to see each often, DDPO falls below the base model while "
+              "PRDP keeps improving",
+        source="PRDP's large-scale experiment (HPDv2's 100K prompts, Table 4's K = 1: DDPO 0.2464 < SD 0.2685 < "
+               "PRDP 0.3175 HPSv2)",
+        settings=["ddpo-sf-batch-baseline", "prdp-k1", "ddpo-sf"], epochs=10, judge=judge_large_scale),
 }
-
-
-def diversity(images, images_per_prompt):
-    """Root-mean-square pixel difference (x 100) between two images of one prompt, over every pair and prompt."""
-    x = images.detach().float().cpu().clamp(0, 1).flatten(1).view(-1, images_per_prompt, images[0].numel())
-    d = (x[:, :, None] - x[:, None]).pow(2).mean(-1).sqrt()                     # (prompts, n, n)
-    n = images_per_prompt
-    return 100 * float(d.sum() / (len(x) * n * (n - 1)))
 
 
 def run(label, seed, epochs, workdir, images_per_prompt, before_cache):
@@ -193,8 +214,8 @@ def run(label, seed, epochs, workdir, images_per_prompt, before_cache):
             "seen_area_gain": float(change[seen].mean()),
             "unseen_area_gain": float(change[~seen].mean()) if (~seen).any() else None,
             "alignment_change": after["alignment"] - before["alignment"],
-            "diversity_before": diversity(before["images"], images_per_prompt),
-            "diversity_after": diversity(after["images"], images_per_prompt),
+            "diversity_before": float(diversity(before["images"], images_per_prompt).mean()),
+            "diversity_after": float(diversity(after["images"], images_per_prompt).mean()),
             "kl": float(after["kl"].mean()), "clipfrac": [row.get("clipfrac") for row in log],
             "curve": [[samples_an_epoch * (row["epoch"] + 1), 100 * row["reward_mean"]] for row in log]}
 

@@ -32,15 +32,11 @@ from shapes import EVAL_IMAGES_PER_PROMPT, ROOT, fine_tune, measure  # noqa: E40
 
 import bookkeeping  # noqa: E402
 import common  # noqa: E402
+from evaluate import mean_se  # noqa: E402
 
 # label: (script, flags): the three presets, then PRDP's at larger betas (its preset's is 0.1: prdp.PRESETS)
 SETTINGS = {"ddpo": ("ddpo", []), "d3po": ("d3po", []), "prdp": ("prdp", []),
             "prdp-beta1": ("prdp", ["--beta", "1"]), "prdp-beta10": ("prdp", ["--beta", "10"])}
-
-
-def mean_se(x):
-    x = np.asarray(x, dtype=np.float64)
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def run(label, seed, minutes, script_flags, workdir, images_per_prompt, before_cache):

@@ -18,7 +18,6 @@ and size), the shape-area objective, and the wall time of the fine-tuning run; i
 from seed * 1_000_003 + epoch).
 """
 import argparse
-import dataclasses
 import importlib
 import os
 import signal
@@ -35,10 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import bookkeeping  # noqa: E402
 import common  # noqa: E402
+from evaluate import EVAL_SEED, held_apart_samples  # noqa: E402,F401 (EVAL_SEED: the tests and notebooks read it here)
 from rewards import compute_rewards, get_reward_fn  # noqa: E402
 from tutorials.shapes_world import shape_area, shape_scores  # noqa: E402
 
-EVAL_SEED = 987_654_321
 EVAL_IMAGES_PER_PROMPT = 16
 
 
@@ -62,8 +61,7 @@ def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT, kl=
     log-probs times the latent's C x h x w elements), and "kl_steps", each step's share averaged over samples."""
     policy.pipe.unet.eval()
     eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    generator, batched = torch.Generator("cpu").manual_seed(EVAL_SEED), dataclasses.replace(args, sample_batch_size=32)
-    _, samples = common.sample_epoch(policy, batched, eval_prompts, generator, draw=False, progress=False)
+    samples, log_ratio = held_apart_samples(policy, args, prompts, images_per_prompt, kl)  # evaluate.py's sampling
     images = samples.images
     soft, hard, _ = shape_scores(images, eval_prompts)
     reward = compute_rewards(get_reward_fn(args.reward), images, eval_prompts)
@@ -72,9 +70,7 @@ def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT, kl=
               "fully_right": 100 * float(hard.mean()), "area": 100 * float(area.mean()), "per_image_area": area,
               "images": images}
     if kl:
-        ref_log_probs = common.reference_log_probs(policy, samples, batched.sample_batch_size)
-        log_ratio = (samples.log_probs - ref_log_probs).cpu().numpy() * samples.latents[0, 0].numel()  # (n, T)
-        result.update(kl=log_ratio.sum(1), kl_steps=log_ratio.mean(0))
+        result.update(kl=log_ratio.sum(1).numpy(), kl_steps=log_ratio.mean(0).numpy())
     return result, images[::images_per_prompt]
 
 

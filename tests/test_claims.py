@@ -1,20 +1,8 @@
-"""benchmarks/claims.py's own arithmetic: its diversity measure against the obvious loop over pairs, and its verdicts
-on hand-made figures (the runs themselves take hours: docs/claims.md)."""
-import itertools
-
+"""benchmarks/claims.py's own arithmetic: its verdicts on hand-made figures (its diversity measure is evaluate.py's,
+tested in test_evaluate.py); the runs themselves take hours: docs/claims.md."""
 import pytest
-import torch
 
 import claims
-
-
-def test_diversity_is_the_mean_rms_difference_over_every_pair_of_a_prompts_images():
-    torch.manual_seed(0)
-    images, n = torch.rand(3 * 4, 3, 8, 8), 4
-    pairs = [float((images[p * n + i] - images[p * n + j]).pow(2).mean().sqrt())
-             for p in range(3) for i, j in itertools.combinations(range(n), 2)]
-    assert claims.diversity(images, n) == pytest.approx(100 * sum(pairs) / len(pairs), rel=1e-5)
-    assert claims.diversity(torch.rand(3, 3, 8, 8).repeat_interleave(n, 0), n) == 0  # a prompt's copies: none
 
 
 def runs(label, values, key="area_gain", **other):
@@ -33,12 +21,22 @@ def test_the_beta_frontier_needs_gain_and_kl_to_fall_as_beta_grows():
     falling = [r for i, label in enumerate(claims.BETAS) for r in runs(label, [10 - i, 10 - i, 10 - i], kl=100 - i)]
     assert claims.judge_beta(falling)[0] == "reproduced"
     for r in falling:
-        r["kl"] = 50 + (r["label"] == "prdp-beta3") * 60  # the largest beta spends the most KL
+        r["kl"] = 50 + (r["label"] == claims.BETAS[-1]) * 60  # the largest beta spends the most KL
     assert claims.judge_beta(falling)[0] == "partly"
 
 
+def test_the_large_scale_claim_needs_ddpo_below_the_base_model_and_prdp_above_it():
+    def results(ddpo, prdp):
+        return (runs("ddpo-sf-batch-baseline", ddpo, alignment_change=-1.0) + runs("prdp-k1", prdp, alignment_change=0.0)
+                + runs("ddpo-sf", [5, 6, 7]))
+    assert claims.judge_large_scale(results([-3, -2, -4], [5, 6, 4]))[0] == "reproduced"
+    assert claims.judge_large_scale(results([1, 2, 1.5], [5, 6, 4]))[0] == "partly"  # worse, not below the base
+    assert claims.judge_large_scale(results([5, 6, 4], [1, 2, 1.5]))[0] == "not reproduced"
+    assert "+5.0 +- 0.6" in claims.judge_large_scale(results([5, 6, 4], [1, 2, 1.5]))[2]
+
+
 def test_d3po_reaches_a_fraction_of_ddpos_gain():
-    results = runs("d3po", [4, 4, 4]) + runs("ddpo", [8, 8, 8])
+    results = runs("d3po", [4, 4, 4], kl=1.0) + runs("ddpo", [8, 8, 8], kl=1.0) + runs("ddpo-sf", [9, 9, 9], kl=1.0)
     verdict, why, _ = claims.judge_d3po_vs_ddpo(results)
     assert verdict == "partly" and "50%" in why
 

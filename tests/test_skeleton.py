@@ -195,6 +195,7 @@ def test_imports_run_one_way_from_the_scripts_to_the_helpers():
         assert not imported & {"ddpo", "d3po", "prdp"}, helper
     assert project_imports(os.path.join(ROOT, "tutorials", "shapes_world.py")) == {"common"}
     assert project_imports(os.path.join(ROOT, "label.py")) == {"bookkeeping", "common", "human_feedback", "rewards"}
+    assert project_imports(os.path.join(ROOT, "evaluate.py")) == {"bookkeeping", "common", "rewards"}
     assert "bookkeeping" not in project_imports(os.path.join(ROOT, "rewards.py"))
 
 
