@@ -1,7 +1,7 @@
 """The policy of ddpo.py, d3po.py and prdp.py. Denoising is a decision process: state (c, t, x_t), action x_{t-1},
 policy pi_theta(x_{t-1} | x_t, c) one guided stochastic DDIM step, a Gaussian (`ddim_step_with_logprob`). Here:
 sampling trajectories, their log-probs with gradients (`log_prob`) and the reference model's (`reference_log_probs`),
-loading Stable Diffusion with LoRA, the optimiser step. Notation (../shared/PAPERS.md): abar_t is DDPM's cumulative
+loading Stable Diffusion with LoRA, the optimiser step. Notation (docs/papers.md): abar_t is DDPM's cumulative
 alpha (diffusers' `alphas_cumprod`, the DDIM paper's alpha_t), sigma_t the step's standard deviation, eta its noise.
 """
 import copy
@@ -47,7 +47,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     abar_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final).to(device, torch.float32)
     abar_t, abar_prev = alphas_cumprod[t].to(device, torch.float32).view(B, 1, 1, 1), abar_prev.view(B, 1, 1, 1)
 
-    # x0_hat and eps from the model output (PAPERS.md, shared ground; v_prediction converted first)
+    # x0_hat and eps from the model output (docs/papers.md, the policy; v_prediction converted first)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         eps = model_output

@@ -94,8 +94,8 @@ def d3po_loss(log_probs, ref_log_probs, beta, ratio_clip):
     log_ratio = log_probs - ref_log_probs                                              # log pi_theta / pi_ref, (b, 2)
     # reference code: the ratio clamped to [1 - eps, 1 + eps] before the log; outside it the gradient is zero
     log_ratio_w, log_ratio_l = torch.log(torch.exp(log_ratio).clamp(1.0 - ratio_clip, 1.0 + ratio_clip)).unbind(1)
-    logits = beta * (log_ratio_w - log_ratio_l)                      # D3PO loss (PAPERS.md), as the reference code
-    loss = -torch.nn.functional.logsigmoid(logits).mean()            # D3PO loss (PAPERS.md), as the reference code
+    logits = beta * (log_ratio_w - log_ratio_l)                      # D3PO loss (docs/papers.md), as the reference code
+    loss = -torch.nn.functional.logsigmoid(logits).mean()            # D3PO loss (docs/papers.md), as the reference code
     info = {"accuracy": (log_ratio[:, 0] > log_ratio[:, 1]).float().mean(),  # the unclamped ratios rank w first
             "clipfrac": ((torch.exp(log_ratio) - 1.0).abs() > ratio_clip).float().mean()}
     return loss, info

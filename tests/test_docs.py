@@ -3,6 +3,7 @@ runs the test command the README gives."""
 import ast
 import os
 import re
+import subprocess
 
 from conftest import ROOT
 
@@ -64,3 +65,16 @@ def test_every_relative_link_of_the_readmes_and_docs_resolves():
             assert os.path.exists(target), f"{os.path.relpath(page, ROOT)} links to {link}, which does not exist"
             checked += 1
     assert checked >= 10
+
+
+def test_no_file_cites_a_path_outside_the_repository():
+    """A clone has only what is committed: the papers' notes are docs/papers.md, and every `.md` path that a file
+    names as `docs/...`, `tutorials/...` or `benchmarks/...` exists."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    texts = [p for p in tracked if p.endswith((".py", ".md", ".ipynb", ".txt", ".sh", ".js", ".html")) or p == ".ci/run"]
+    assert "docs/papers.md" in tracked and len(texts) > 50
+    for path in texts:
+        text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+        assert not re.search(r"\.\./shared|PAPERS\.md", text), f"{path} cites a file outside the repository"
+        for cited in re.findall(r"\b((?:docs|tutorials|benchmarks)/[\w/.-]+\.md)\b", text):
+            assert cited in tracked, f"{path} cites {cited}, which is not in the repository"

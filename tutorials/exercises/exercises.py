@@ -3,7 +3,7 @@
     python -m pytest tutorials/exercises
 
 Each function below says what to compute, with the shapes of its tensors and the equation it comes from
-(../shared/PAPERS.md and tutorials/ hold the papers' equations; the notebooks in tutorials/ teach them). Replace
+(docs/papers.md and tutorials/ hold the papers' equations; the notebooks in tutorials/ teach them). Replace
 each `raise NotImplementedError(...)` with your code, in plain PyTorch; do not import the project's scripts here.
 Log-probabilities are MEANS over the latent's elements, as in the project and the papers' reference code.
 """
@@ -65,7 +65,7 @@ def ddpo_clipped_loss(log_probs, old_log_probs, advantages, clip_range):
 # ---- 3. D3PO (notebook 3) --------------------------------------------------------------------------------------------
 
 def d3po_loss(log_probs, ref_log_probs, beta, ratio_clip):
-    """D3PO's loss of one denoising step of b pairs, the winner first (D3PO's per-step loss, PAPERS.md).
+    """D3PO's loss of one denoising step of b pairs, the winner first (D3PO's per-step loss, docs/papers.md).
 
     log_probs (b, 2): log pi_theta of the winner's and the loser's step, with gradients; ref_log_probs (b, 2):
     the same under pi_ref. As the reference code: the ratio pi_theta / pi_ref is clamped to
