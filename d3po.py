@@ -50,7 +50,7 @@ class Args:
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass, and on a CPU "
-                                       "give freed memory back at once: less memory, more time (README.md, \"Scale\")")
+                                       "give freed memory back at once: less memory, more time (docs/scale.md)")
     tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
                             "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
@@ -67,7 +67,7 @@ class Args:
                              "own, to measure what the shared start is worth (benchmarks/claims.py)")
 
 
-# Defaults for the shapes-world toy model (--model toy; flags you give still win); README.md, "Learning on a
+# Defaults for the shapes-world toy model (--model toy; flags you give still win); docs/shapes_world.md, "Learning on a
 # laptop", says how they were found and what else was tried.
 PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
@@ -84,7 +84,7 @@ def preferences(rewards, pairs):
     return torch.where(b_wins[:, None], pairs.flip(1), pairs)[a_wins | b_wins]                 # the winner first
 
 
-# ALGO LOGIC: what an epoch logs, beside the rewards and times (README.md says what each means)
+# ALGO LOGIC: what an epoch logs, beside the rewards and times (docs/outputs.md says what each means)
 METRICS = ("loss", "accuracy", "clipfrac", "pairs")
 
 

@@ -50,7 +50,7 @@ class Args:
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass, and on a CPU "
-                                       "give freed memory back at once: less memory, more time (README.md, \"Scale\")")
+                                       "give freed memory back at once: less memory, more time (docs/scale.md)")
     tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
                             "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
@@ -66,7 +66,7 @@ class Args:
     inner_epochs: int = arg(1, "passes over each epoch's samples (reference: 1)", within="[1, inf)")
 
 
-# Defaults for the shapes-world toy model (--model toy; flags you give still win); README.md, "Learning on a
+# Defaults for the shapes-world toy model (--model toy; flags you give still win); docs/shapes_world.md, "Learning on a
 # laptop", says how they were found and what else was tried.
 PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
@@ -88,7 +88,7 @@ def per_prompt_advantages(stats, prompts, rewards, buffer_size, min_count):
     return torch.as_tensor(advantages, dtype=torch.float32)
 
 
-# ALGO LOGIC: what an epoch logs, beside the rewards and times (README.md says what each means)
+# ALGO LOGIC: what an epoch logs, beside the rewards and times (docs/outputs.md says what each means)
 METRICS = ("loss", "approx_kl", "clipfrac")
 
 

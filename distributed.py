@@ -43,7 +43,7 @@ def return_freed_memory():
     giving them back (its dynamic mmap threshold); a UNet's passes free thousands of such tensors, and at 512 px on
     the CPU that kept 2 to 5 GiB more resident than the live tensors. A fixed threshold, glibc's own default of
     128 KiB, returns every larger freed tensor at once; the price is time, as the system hands out fresh zeroed
-    pages for each new tensor (README.md, "Scale", has both). Linux only; CUDA memory is not affected."""
+    pages for each new tensor (docs/scale.md has both). Linux only; CUDA memory is not affected."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD = -3 in glibc's malloc.h

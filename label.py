@@ -1,4 +1,4 @@
-"""A labelling page for a round of D3PO's human feedback (README.md, "Human feedback with D3PO, in rounds").
+"""A labelling page for a round of D3PO's human feedback (docs/human_feedback.md).
 
     python d3po.py --sample-only --model toy --output-dir rounds/1   # a round: each prompt's images, one x_T
     python label.py rounds/1                                         # then open the address it prints

@@ -50,20 +50,20 @@ class Args:
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass, and on a CPU "
-                                       "give freed memory back at once: less memory, more time (README.md, \"Scale\")")
+                                       "give freed memory back at once: less memory, more time (docs/scale.md)")
     tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
                             "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     resume: str = arg(None, "continue the run in this output directory from its last finished epoch")
     # --- PRDP's own ---
-    beta: float = arg(3e-5, "KL weight, on the scale README.md states (PRDP Table 4: 3e-5)", within="(0, inf)")
+    beta: float = arg(3e-5, "KL weight, on the scale docs/conventions.md states (PRDP Table 4: 3e-5)", within="(0, inf)")
     clip_eps: float = arg(1e-6, "proximal clip of each step's log-ratio (PRDP Table 4: 1e-6)", within="(0, inf)")
     images_per_prompt: int = arg(16, "images of a prompt, every pair compared (PRDP Table 4: 16)", within="[2, inf)")
     grad_steps_per_epoch: int = arg(10, "gradient steps K an epoch (PRDP Table 4 small scale: 10)", within="[1, inf)")
     shared_noise: bool = arg(False, "a prompt's images start from one x_T, as D3PO's pairs (PRDP does not say)")
 
 
-# Defaults for the shapes-world toy model (--model toy; flags you give still win); README.md, "Learning on a
+# Defaults for the shapes-world toy model (--model toy; flags you give still win); docs/shapes_world.md, "Learning on a
 # laptop", says how they were found and what else was tried.
 PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
@@ -81,7 +81,7 @@ def prompt_pairs(rewards, images_per_prompt):
     return pairs[rewards[pairs[:, 0]] != rewards[pairs[:, 1]]]
 
 
-# ALGO LOGIC: what an epoch logs, beside the rewards and times (README.md says what each means)
+# ALGO LOGIC: what an epoch logs, beside the rewards and times (docs/outputs.md says what each means)
 METRICS = ("loss", "predicted_diff", "actual_diff", "clipfrac", "pairs", "trained_prompts")
 
 

@@ -47,7 +47,7 @@ def jpeg_incompressibility(images, prompts):
 # ---- Learned rewards: CLIP models from the Hugging Face Hub, each loaded once per run --------------------------------
 
 # where each model comes from: a hub id, or "hub id:file" for a single file. An environment variable of the same
-# name points it at a local copy instead (a directory saved with save_pretrained, or the file): README.md, "Rewards"
+# name points it at a local copy instead (a directory saved with save_pretrained, or the file): docs/rewards.md
 SOURCES = {"REWARD_AESTHETIC_CLIP": "openai/clip-vit-large-patch14",
            "REWARD_AESTHETIC_HEAD": "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
            "REWARD_CLIP_SCORE_MODEL": "openai/clip-vit-large-patch14",
@@ -71,7 +71,7 @@ def loading(key, load):
     except Exception as e:  # transformers and huggingface_hub raise OSError, ValueError or their own errors
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"could not load the reward model {where!r} ({why}); download it once with network "
-                        f"(README.md, \"Rewards\"), or set {key} to a local copy.")
+                        f"(docs/rewards.md), or set {key} to a local copy.")
 
 
 def hub_file(where):

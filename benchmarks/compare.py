@@ -14,7 +14,7 @@ from training (benchmarks/shapes.py's EVAL_SEED), 16 images for each of the 24 p
 - KL: KL(p_theta || p_ref) of whole trajectories x_T..x_0, in nats, estimated on the fine-tuned model's own
   held-apart samples by the mean of their log-ratio sum_t log pi_theta(x_{t-1}|x_t) / pi_ref(x_{t-1}|x_t) (the
   plain Monte Carlo estimator "k1": unbiased, though single samples can be negative), +- its standard error.
-  The log-probs are per-element means (README.md, "Conventions"), so the sum over steps is multiplied by the
+  The log-probs are per-element means (docs/conventions.md), so the sum over steps is multiplied by the
   latent's C x h x w elements to give nats per trajectory.
 It prints a table and a summary (mean over seeds +- standard error over seeds) and writes them, the raw
 figures (compare.json), one figure (compare.png: the objective against minutes, mean and band over seeds; area

@@ -8,7 +8,7 @@
     python benchmarks/shapes.py --algorithms prdp --seeds 0 1 2 3 --epochs 30 --eval-images 64 --results /tmp/y \
         -- --reward shapes_correct --lora-rank 8 --lora-targets cross-attention --learning-rate 3e-3 --beta 16 \
         --train-batch-size 16 --gradient-accumulation-steps 4 --prompt-file tutorials/shapes_yellow.txt
-                                                         # alignment on the six yellow prompts (README.md)
+                                                         # alignment on the six yellow prompts (docs/shapes_world.md)
 
 For each algorithm and seed it prints the prompt alignment of the model before and after fine-tuning
 (mean soft score x 100, with the standard error of its change, and the share of images right in colour, shape

@@ -78,3 +78,13 @@ def test_no_file_cites_a_path_outside_the_repository():
         assert not re.search(r"\.\./shared|PAPERS\.md", text), f"{path} cites a file outside the repository"
         for cited in re.findall(r"\b((?:docs|tutorials|benchmarks)/[\w/.-]+\.md)\b", text):
             assert cited in tracked, f"{path} cites {cited}, which is not in the repository"
+
+
+def test_the_readmes_table_of_losses_points_at_the_lines_that_compute_them():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        cited = re.findall(r"\b(ddpo|d3po|prdp)\.py:(\d+)-(\d+)\b", f.read())
+    assert sorted(name for name, _, _ in cited) == ["d3po", "ddpo", "prdp"]
+    for name, first, last in cited:
+        lines = open(os.path.join(ROOT, f"{name}.py")).read().splitlines()[int(first) - 1:int(last)]
+        assert lines and all(re.match(r"\s+(\w*loss\w*|logits|target) = ", line) for line in lines), (name, lines)
+        assert re.match(r"\s+loss = ", lines[-1]), name  # the range ends where the loss is

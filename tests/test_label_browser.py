@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_round():
-    """The commands of the README's toy round: the second bash block of "Human feedback with D3PO, in rounds"."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        section = f.read().split("### Human feedback with D3PO, in rounds", 1)[1].split("\n## ", 1)[0]
+    """The commands of the toy round in docs/human_feedback.md: its second bash block."""
+    with open(os.path.join(ROOT, "docs", "human_feedback.md"), encoding="utf-8") as f:
+        section = f.read()
     block = section.split("```bash\n")[2].split("```", 1)[0].replace("\\\n", " ")
     return [shlex.split(line) for line in block.splitlines() if line.strip()]
 

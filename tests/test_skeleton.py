@@ -164,8 +164,8 @@ ALIGNMENT_SHARED = dict(prompt_file="tutorials/shapes.txt", resolution=32, num_s
 
 
 @pytest.mark.parametrize("script", ALIGNMENT)
-def test_readme_gives_the_alignment_settings_as_one_command_line(script):
-    with open(os.path.join(ROOT, "README.md")) as f:
+def test_the_docs_give_the_alignment_settings_as_one_command_line(script):
+    with open(os.path.join(ROOT, "docs", "shapes_world.md")) as f:
         lines = [line for line in f.read().replace("\\\n", " ").splitlines()
                  if line.startswith(f"python {script}.py --model toy --reward shapes_correct")]
     assert len(lines) == 1
