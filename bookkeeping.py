@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 try:
@@ -68,7 +69,7 @@ def load_prompts(path):
     if not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist.")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
             prompts = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
     except UnicodeDecodeError:
         raise UserError(f"prompt file {path!r} is not UTF-8 text; give a text file with one prompt a line.")
@@ -119,6 +120,11 @@ def parse_args(args_class, argv=None, description=None, presets=None):
         saved = read_config(ns["resume"], "--resume")
         if saved is None:
             raise UserError(f"--resume {ns['resume']!r}: no config.json there, so it is not a run directory.")
+        changed = [k for k in ("model", "lora_rank", "lora_targets") if k in given and k in saved and ns[k] != saved[k]]
+        if changed:  # the checkpoint's weights are of the saved model and adapters: they would not load
+            raise UserError(f"--resume {ns['resume']!r}: the run was made with " + ", ".join(
+                f"{flags[k]} {saved[k]}" for k in changed) + "; a resumed run keeps its model and adapters (drop "
+                f"{'those flags' if len(changed) > 1 else 'the flag'}, or start a new run in another --output-dir).")
         ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
         ns["output_dir"] = ns["resume"]
     ns["device"] = distributed.setup(ns["device"], ns["gradient_checkpointing"])  # under torchrun: this process's GPU
@@ -143,6 +149,7 @@ def read_config(directory, flag):
 # the intervals of shared flags (an algorithm's own flags give theirs in Args): a learning rate or clip of 0 would
 # freeze the model without a word; Stable Diffusion's schedulers have 1000 training timesteps to step through
 SHARED_WITHIN = {"learning_rate": "(0, inf)", "max_grad_norm": "(0, inf)", "weight_decay": "[0, inf)",
+                 "guidance_scale": "[0, inf)", "resolution": "[8, 4096]", "lora_rank": "[0, 1024]",
                  "num_steps": "[1, 1000]", "seed": "[0, 9e12]"}
 
 
@@ -258,23 +265,47 @@ def release_output_dir(args):
 
 
 def atomic_write(path, write):
-    """Write a file through `write(tmp_path)` and rename it into place, so an interruption leaves the old one (and a
-    failed write, a full disk for example, leaves no half-written .tmp beside it)."""
-    tmp = path + ".tmp"
+    """Write a file through `write(tmp_path)`, flush it to the disk and rename it into place, so an interruption
+    leaves the old one. The temporary's name is this writer's own (two writers of one file never share it); a failed
+    write removes it, and a full disk or a file-size limit says so in one sentence (the old file is kept)."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~UMASK)  # as open() would have made it (mkstemp's is 0o600)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, UserError):  # torch.save's RuntimeError too
+            reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise UserError(f"could not write {path} ({reason}; is the disk full?): the previous one, if any, is "
+                            f"kept, and the run stops.") from e
         raise
 
 
-def umask():
-    """The process's file-creation mask (read by setting it, then restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def remove_stale_temporaries(output_dir):
+    """What an interrupted write left (a kill skips atomic_write's cleanup): temporaries are removed; a weights
+    directory caught between its two renames (save_weights) is put back."""
+    for folder in (output_dir, os.path.join(output_dir, "samples"), os.path.join(output_dir, "labels")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name)
+            if name.endswith(".tmp") and os.path.isfile(path):
+                os.remove(path)
+    for weights in ("lora", "unet"):
+        final = os.path.join(output_dir, weights)
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        if os.path.isdir(final + ".old"):
+            if os.path.isdir(final):
+                shutil.rmtree(final + ".old", ignore_errors=True)
+            else:
+                os.replace(final + ".old", final)
+
+
+UMASK = os.umask(0o022)  # the process's file-creation mask, read once (reading it means setting it), then restored
+os.umask(UMASK)
 
 
 def write_json(path, value):
@@ -313,18 +344,35 @@ def log_info(info, **values):
 
 
 def append_metrics(output_dir, row):
-    """One JSON object per epoch in metrics.jsonl; also printed as one line."""
-    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """One JSON object per epoch in metrics.jsonl (NaN and infinities as null, which strict JSON readers accept),
+    the file rewritten atomically, so that a full disk never leaves a cut line; also printed as one line."""
+    write_metrics(output_dir, read_metrics(output_dir) + [row])
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+def write_metrics(output_dir, rows):
+    atomic_write(os.path.join(output_dir, "metrics.jsonl"), lambda p: open(p, "w").write("".join(
+        json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}) + "\n"
+        for r in rows)))
+
+
 def read_metrics(output_dir):
+    """The rows of metrics.jsonl, null read back as NaN. A cut last line (a disk that filled while an older version
+    appended it) is dropped with a word; any other unreadable line is refused in one sentence."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            rows.append({k: float("nan") if v is None else v for k, v in json.loads(line).items()})
+        except (json.JSONDecodeError, AttributeError):
+            if n < len(lines) - 1:
+                raise UserError(f"{path}: line {n + 1} is not a JSON object (edited by hand?); remove it to go on.")
+            print(f"{path}: its last line was cut short (a full disk?) and is dropped", flush=True)
+    return rows
 
 
 def save_grid(images, captions, path, columns=8, scale=1):
@@ -477,10 +525,9 @@ def start_output(args, start_epoch):
     if not distributed.is_main():
         return
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    remove_stale_temporaries(args.output_dir)
     write_config(args)
-    rows = [r for r in read_metrics(args.output_dir) if r["epoch"] < start_epoch]
-    atomic_write(os.path.join(args.output_dir, "metrics.jsonl"),
-                 lambda p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in rows)))
+    write_metrics(args.output_dir, [r for r in read_metrics(args.output_dir) if r["epoch"] < start_epoch])
     print(f"writing to {args.output_dir}", flush=True)
 
 

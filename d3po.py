@@ -7,6 +7,7 @@ DPO trains every step t of the pair, winner w against loser l, with pi_ref the m
 Lines that are the algorithm's own are marked ALGO LOGIC; `diff ddpo.py d3po.py` and `diff ddpo.py prdp.py` show
 them.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +93,9 @@ METRICS = ("loss", "accuracy", "clipfrac", "pairs")
 def d3po_loss(log_probs, ref_log_probs, beta, ratio_clip):
     """log_probs (b, 2) of one step of b pairs, the winner first, under pi_theta; ref_log_probs (b, 2) under pi_ref."""
     log_ratio = log_probs - ref_log_probs                                              # log pi_theta / pi_ref, (b, 2)
-    # reference code: the ratio clamped to [1 - eps, 1 + eps] before the log; outside it the gradient is zero
-    log_ratio_w, log_ratio_l = torch.log(torch.exp(log_ratio).clamp(1.0 - ratio_clip, 1.0 + ratio_clip)).unbind(1)
+    # reference code: the ratio clamped to [1 - eps, 1 + eps] before the log (outside it the gradient is zero); here
+    # its log clamped to [log(1 - eps), log(1 + eps)]: the same values and gradients, and no overflow of exp above 88
+    log_ratio_w, log_ratio_l = log_ratio.clamp(math.log1p(-ratio_clip), math.log1p(ratio_clip)).unbind(1)
     logits = beta * (log_ratio_w - log_ratio_l)                      # D3PO loss (docs/papers.md), as the reference code
     loss = -torch.nn.functional.logsigmoid(logits).mean()            # D3PO loss (docs/papers.md), as the reference code
     info = {"accuracy": (log_ratio[:, 0] > log_ratio[:, 1]).float().mean(),  # the unclamped ratios rank w first

@@ -7,6 +7,7 @@ labels_template.json, and labels/<name>.json, one per person. Label format: LABE
 (label.py) writes the same files, through label_file, check_entry and save_answer here.
 """
 import json
+import math
 import os
 import re
 
@@ -24,7 +25,8 @@ LABEL_HELP = ("a JSON list with one entry per prompt, in the order of the templa
 # the settings that define a round's trajectories and its reference model; training on it must use them
 ROUND_SETTINGS = ("model", "start_from", "resolution", "num_steps", "eta", "guidance_scale", "images_per_prompt")
 ROUND_FILES = ("config.json", "prompts.txt", "trajectories.safetensors", "labels_template.json")
-ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a name that is a safe file name on every system
+ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # with RESERVED refused: a safe file name on every system
+RESERVED = {"con", "prn", "aux", "nul", *(f"{port}{i}" for port in ("com", "lpt") for i in range(10))}  # Windows
 
 
 def sample_round(policy, args, prompts):
@@ -48,9 +50,8 @@ def sample_round(policy, args, prompts):
         template.append({"prompt": prompt, "sheet": sheet, "scores": [None] * n})
     tensors = {"latents": samples.latents, "log_probs": samples.log_probs, "timesteps": samples.timesteps,
                "images": samples.images}
-    bookkeeping.atomic_write(os.path.join(args.output_dir, "trajectories.safetensors"),  # readable like the rest
-                             lambda p: (save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p),
-                                        os.chmod(p, 0o666 & ~bookkeeping.umask())))
+    bookkeeping.atomic_write(os.path.join(args.output_dir, "trajectories.safetensors"),
+                             lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p))
     bookkeeping.write_json(os.path.join(args.output_dir, "labels_template.json"), template)
     bookkeeping.atomic_write(os.path.join(args.output_dir, "prompts.txt"),
                              lambda p: open(p, "w", encoding="utf-8").write("".join(f"{q}\n" for q in prompts)))
@@ -108,16 +109,25 @@ def check_entry(entry, prompt, images_per_prompt, where, unlabelled_ok=False):
         raise UserError(f"{where} is not labelled yet (its scores are null): finish it, on the labelling page "
                         f"(python label.py ROUND) or by hand.")
     for k, s in enumerate(scores):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not np.isfinite(s):
-            raise UserError(f"{where}, image #{k}: score {s!r} is not a number.")
+        if not is_number(s):
+            shown = repr(s) if len(repr(s)) < 40 else repr(s)[:20] + f"... ({len(repr(s))} characters)"
+            raise UserError(f"{where}, image #{k}: score {shown} is not a number (or too large for one).")
+
+
+def is_number(s):
+    """A finite int or float (not a bool, and not an integer too large for a float: 10**400 is not a score)."""
+    try:
+        return not isinstance(s, bool) and isinstance(s, (int, float)) and math.isfinite(float(s))
+    except OverflowError:
+        return False
 
 
 def label_file(round_dir, annotator):
     """The label file of one annotator, round_dir/labels/<annotator>.json; the name must be a safe file name."""
-    if not isinstance(annotator, str) or not ANNOTATOR.fullmatch(annotator):
+    if not isinstance(annotator, str) or not ANNOTATOR.fullmatch(annotator) or annotator.lower() in RESERVED:
         raise UserError(f"the annotator name {annotator!r} cannot name a file: use 1 to 64 letters, digits, '_' or "
-                        f"'-', starting with a letter or digit.")
-    return os.path.join(round_dir, "labels", annotator + ".json")
+                        f"'-', starting with a letter or digit, and not a name Windows reserves (con, nul, com1, ...).")
+    return os.path.join(round_dir, "labels", annotator.lower() + ".json")  # Ann and ann: one file, on every system
 
 
 def read_answers(round_dir, annotator, template):
@@ -184,6 +194,9 @@ def load_round(policy, args):
         raise UserError(f"--labels {args.labels!r}: its labels_template.json or trajectories.safetensors cannot be "
                         f"read ({type(e).__name__}); sample the round again.")
     scores = read_labels(args.labels, prompts, args.images_per_prompt)
+    if (scores == scores[:, :1]).all():
+        raise UserError(f"--labels {args.labels!r}: in every prompt all the images have the same score, so no pair "
+                        f"says which is better and there is nothing to train on; label some differences.")
     t = {k: v.to(policy.pipe.device) for k, v in stored.items()}
     batch_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     embeds = torch.cat([common.encode_prompts(policy.pipe, batch_prompts[i:i + args.sample_batch_size])

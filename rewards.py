@@ -10,6 +10,8 @@ import io
 import os
 import re
 import sys
+import tempfile
+import traceback
 
 import numpy as np
 import torch
@@ -352,7 +354,20 @@ def compute_rewards(reward_fn, images, prompts, epoch=None, share=True):
         scores = compute_rewards(reward_fn, images[mine.to(images.device)], [prompts[i] for i in mine], epoch, False)
         return torch.cat(distributed.gather_objects(scores))
     name = getattr(reward_fn, "__name__", repr(reward_fn))
-    rewards = reward_fn(images, prompts)
+    if torch.is_tensor(images) and not torch.isfinite(images).all():
+        raise UserError(f"the sampled images{'' if epoch is None else f' of epoch {epoch}'} are not finite (NaN or "
+                        f"infinite): the model's output overflowed (too high a --learning-rate or --guidance-scale, or "
+                        f"fp16); the run stops before scoring them, and its last checkpoint is kept.")
+    try:
+        rewards = reward_fn(images, prompts)
+    except UserError:
+        raise
+    except Exception as e:  # the user's own reward, or a model that failed: one sentence; the traceback in a file
+        log = os.path.join(tempfile.gettempdir(), f"reward-error-{os.getpid()}.txt")
+        with open(log, "w") as f:
+            traceback.print_exc(file=f)
+        raise UserError(f"the reward {name} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+                        f"(the traceback is in {log}); the run stops, and its last checkpoint is kept.")
     try:
         rewards = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards,
                                              dtype=np.float32))

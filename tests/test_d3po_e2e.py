@@ -133,6 +133,7 @@ BAD_LABELS = {
     "not a number": ([[1, 2, 3], [1, "good", 3], [1, 2, 3]],
                      "prompt 1 ('a dog'), image #1: score 'good' is not a number"),
     "left empty": ([[1, 2, 3], [1, 2, 3], [None, 2, 3]], "image #0: score None is not a number"),
+    "too large for a float": ([[1, 2, 3], [1, 2, 10 ** 400], [1, 2, 3]], "image #2: score 10000000000000000000..."),
 }
 
 
@@ -150,6 +151,17 @@ def test_label_files_that_do_not_match_their_round_are_refused(case, first_round
     with pytest.raises(common.UserError, match="dave.json") as error:
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
     assert message in str(error.value)
+
+
+def test_a_round_whose_every_prompt_ties_is_refused_before_training(first_round, tiny_dir, prompt_file, tmp_path):
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in human_feedback.ROUND_FILES:
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    label(r, "erin.json", [[2, 2, 2], [0, 0, 0], [5, 5, 5]])
+    with pytest.raises(common.UserError, match="all the images have the same score"):
+        d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
 def test_a_round_without_labels_is_refused(first_round, tiny_dir, prompt_file, tmp_path):
@@ -269,7 +281,7 @@ def test_damaged_rounds_and_start_points_are_refused_in_one_sentence(first_round
     lora.write_bytes(lora.read_bytes()[:100])
     for start in (tmp_path / "out", tmp_path / "labels-only"):  # a truncated file; a directory without weights
         start.mkdir(exist_ok=True)
-        with pytest.raises(common.UserError, match="no finished run's weights .lora/ or unet/. can be loaded"):
+        with pytest.raises(common.UserError, match="no finished run's weights .lora/ or unet/. for this model can be loaded"):
             d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "next", "--sample-only", "--start-from",
                                  str(start)))
 
