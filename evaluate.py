@@ -50,7 +50,7 @@ def held_apart_samples(policy, args, prompts, images_per_prompt, kl=False, batch
 
 
 def diversity(images, images_per_prompt):
-    """Each prompt's root-mean-square pixel difference (x 100) between two of its images, over every pair: (prompts,)."""
+    """Each prompt's root-mean-square pixel difference (x 100) between two of its images, over its pairs: (prompts,)."""
     x = images.detach().float().cpu().clamp(0, 1).flatten(1).view(-1, images_per_prompt, images[0].numel())
     d = (x[:, :, None] - x[:, None]).pow(2).mean(-1).sqrt()                     # (prompts, n, n), zero on the diagonal
     n = images_per_prompt
@@ -96,7 +96,8 @@ def evaluate_run(run_dir, prompts, rewards, images_per_prompt, device, batch_siz
     after, log_ratio = held_apart_samples(policy, args, prompts, images_per_prompt, kl=True, batch_size=batch_size)
     eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     metrics = {name: compare(compute_rewards(fn, before.images, eval_prompts).numpy(),
-                             compute_rewards(fn, after.images, eval_prompts).numpy()) for name, fn in reward_fns.items()}
+                             compute_rewards(fn, after.images, eval_prompts).numpy())
+               for name, fn in reward_fns.items()}
     if images_per_prompt > 1:
         metrics["diversity"] = compare(diversity(before.images, images_per_prompt),
                                        diversity(after.images, images_per_prompt))

@@ -366,7 +366,8 @@ def compute_rewards(reward_fn, images, prompts, epoch=None, share=True):
         log = os.path.join(tempfile.gettempdir(), f"reward-error-{os.getpid()}.txt")
         with open(log, "w") as f:
             traceback.print_exc(file=f)
-        raise UserError(f"the reward {name} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+        what = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"the reward {name} raised {type(e).__name__}: {what} "
                         f"(the traceback is in {log}); the run stops, and its last checkpoint is kept.")
     try:
         rewards = torch.as_tensor(np.asarray(rewards.detach().cpu() if torch.is_tensor(rewards) else rewards,

@@ -281,7 +281,7 @@ def test_damaged_rounds_and_start_points_are_refused_in_one_sentence(first_round
     lora.write_bytes(lora.read_bytes()[:100])
     for start in (tmp_path / "out", tmp_path / "labels-only"):  # a truncated file; a directory without weights
         start.mkdir(exist_ok=True)
-        with pytest.raises(common.UserError, match="no finished run's weights .lora/ or unet/. for this model can be loaded"):
+        with pytest.raises(common.UserError, match="no finished run's weights .lora/ or unet/. for this model can be"):
             d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "next", "--sample-only", "--start-from",
                                  str(start)))
 
