@@ -51,7 +51,8 @@ class Args:
     mixed_precision: str = arg("auto", "UNet compute dtype; auto = fp16 on CUDA (reference code), no on CPU",
                                choices=["auto", "no", "fp16", "bf16"])
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass, and on a CPU "
-                                       "give freed memory back at once: less memory, more time (docs/scale.md)")
+                                       "give freed memory back at once, for the whole process: less memory, more "
+                                       "time (docs/scale.md)")
     tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
                             "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")

@@ -25,9 +25,10 @@ import torch.distributed as dist
 def setup(device, save_memory=False):
     """Join torchrun's process group when there is one (WORLD_SIZE > 1); returns this process's device. TF32
     matmuls are allowed on CUDA (the speed of half precision's tensor cores for float32 matmuls); save_memory
-    (--gradient-checkpointing) also gives freed tensors back to the system at once (return_freed_memory)."""
+    (--gradient-checkpointing) on the CPU also gives freed tensors back to the system at once (return_freed_memory,
+    for the rest of the process: glibc's setting cannot be undone)."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls on CUDA
-    if save_memory:
+    if save_memory and torch.device(device).type == "cpu":
         return_freed_memory()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device

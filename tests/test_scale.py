@@ -51,6 +51,18 @@ def each_scripts_loss_backward(name, policy, samples, ref_log_probs, rewards):
         loss.backward()
 
 
+def test_the_malloc_setting_is_made_for_cpu_runs_only(monkeypatch):
+    """glibc's threshold is process-wide and cannot be undone: a CUDA run's host memory is left as it is."""
+    import distributed
+    calls = []
+    monkeypatch.setattr(distributed, "return_freed_memory", lambda: calls.append(True))
+    distributed.setup("cuda", save_memory=True)
+    distributed.setup("cuda:1", save_memory=True)
+    assert calls == []
+    distributed.setup("cpu", save_memory=True)
+    assert calls == [True]
+
+
 @pytest.mark.parametrize("name", ["ddpo", "d3po", "prdp"])
 def test_gradient_checkpointing_gives_each_scripts_loss_the_same_gradients(lora_policy, name):
     policy, params, samples, ref_log_probs, rewards = lora_policy
