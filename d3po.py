@@ -168,7 +168,8 @@ def main(argv=None):
                                                     args.ratio_clip)
                         scaler.scale(loss / (trained_steps * len(step_batches))).backward()  # mean of the step
                         bookkeeping.log_info(info, loss=loss, **step_info)
-                common.optimizer_step(optimizer, scaler, params, args.max_grad_norm)
+                norm = common.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
+                bookkeeping.log_info(info, grad_norm=norm)
 
         # ---- 4. log, show, save ----
         metrics = bookkeeping.epoch_metrics(epoch, rewards, info, sample_timer, train_timer, args.reward)

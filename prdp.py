@@ -172,7 +172,8 @@ def main(argv=None):
                     loss, step_info = rdp_backward(policy, samples, idx, ref_log_probs[idx], rewards[idx], args,
                                                    lambda loss: scaler.scale(loss / len(step_batches)), k == 0)
                     bookkeeping.log_info(info, loss=loss, **step_info)
-                common.optimizer_step(optimizer, scaler, params, args.max_grad_norm)
+                norm = common.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
+                bookkeeping.log_info(info, grad_norm=norm)
 
         # ---- 4. log, show, save ----
         metrics = bookkeeping.epoch_metrics(epoch, rewards, info, sample_timer, train_timer, args.reward)
