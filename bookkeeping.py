@@ -329,8 +329,11 @@ def epoch_metrics(epoch, rewards, info, sample_timer, train_timer, reward=""):
         row.update(reward_mean=float(rewards[:, 0].mean()), reward_std=float(rewards[:, 0].std(correction=0)))
         if rewards.shape[1] > 1:
             row.update({f"{name}_mean": float(m) for name, m in zip(reward.split(","), rewards.mean(0))})
-        for name in reward.split(","):  # a weighted mix: each part's mean over the last images it scored
-            row.update({f"{part}_mean": m for part, m in getattr(MIXES.get(name), "last_means", {}).items()})
+        for name in [n for n in reward.split(",") if n in MIXES]:  # a mix: each part's mean over the epoch's images
+            shares = distributed.gather_objects((MIXES[name].last_means, MIXES[name].last_count))  # torchrun: all
+            total = sum(count for _, count in shares)
+            row.update({f"{part}_mean": sum(means[part] * count for means, count in shares) / total
+                        for part in MIXES[name].last_means if total})
     row.update({k: float(np.mean(v)) if v else float("nan") for k, v in info.items()})
     row.update(sample_seconds=sample_timer.seconds, train_seconds=train_timer.seconds,
                seconds=sample_timer.seconds + train_timer.seconds)

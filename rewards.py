@@ -307,8 +307,9 @@ def mix(name):
     def mixed(images, prompts):
         scores = {part: compute_rewards(fn, images, prompts, share=False) for part, fn in parts.items()}
         mixed.last_means = {part: float(s.double().mean()) for part, s in scores.items()}
+        mixed.last_count = len(prompts)  # under torchrun, this process's share of the epoch's images
         return sum(weights[part] * s for part, s in scores.items())
-    mixed.__name__, mixed.last_means = name, {}
+    mixed.__name__, mixed.last_means, mixed.last_count = name, {}, 0
     return mixed
 
 

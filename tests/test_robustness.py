@@ -192,3 +192,22 @@ def test_d3pos_clamp_gives_the_reference_values_and_finite_gradients_where_exp_o
     w, l_ = torch.log(torch.exp(x).clamp(0.9, 1.1)).unbind(1)
     want = -torch.nn.functional.logsigmoid(0.1 * (w - l_))
     assert float(d3po.d3po_loss(log_probs.detach()[:2], ref[:2], 0.1, 0.1)[0]) == pytest.approx(float(want.mean()))
+
+
+def test_a_mixs_part_means_cover_every_processs_images_under_torchrun(monkeypatch):
+    """Two processes score 3 and 1 of an epoch's 4 images: the logged part means are over all 4, not process 0's."""
+    import distributed
+    import rewards
+    name = "0.5*jpeg_compressibility+0.5*jpeg_incompressibility"
+    mixed = rewards.get_reward_fn(name)
+    images = torch.rand(4, 3, 16, 16)
+    compute_rewards(mixed, images[:3], ["a"] * 3)                                 # process 0's share
+    other = ({k: float(torch.as_tensor(getattr(rewards, k)(images[3:], ["a"]), dtype=torch.float64).mean())
+              for k in mixed.last_means}, 1)                                        # process 1's
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, other] if isinstance(value, tuple)
+                        else [value, {k: [] for k in value}])
+    with bookkeeping.Timer() as timer:
+        pass
+    row = bookkeeping.epoch_metrics(0, torch.zeros(4), {}, timer, timer, name)
+    whole = float(torch.as_tensor(rewards.jpeg_compressibility(images, ["a"] * 4), dtype=torch.float64).mean())
+    assert row["jpeg_compressibility_mean"] == pytest.approx(whole)
