@@ -189,6 +189,11 @@ def check_args(args, group=1, part_of_group=False):
     if args.sample_batches_per_epoch % distributed.world():
         raise UserError(f"--sample-batches-per-epoch {args.sample_batches_per_epoch} must be a multiple of the "
                         f"{distributed.world()} processes, which share the epoch's sampling batches.")
+    if args.gradient_accumulation_steps % distributed.world() and distributed.is_main():
+        print(f"note: an optimiser step's {args.gradient_accumulation_steps} training batches are shared among "
+              f"{distributed.world()} processes, so some processes wait in some steps; a --gradient-accumulation-"
+              f"steps that is a multiple of {distributed.world()} (with a smaller --train-batch-size for the same "
+              f"step) keeps every process training", flush=True)
     train_batches = args.sample_batch_size * args.sample_batches_per_epoch // args.train_batch_size
     if train_batches % args.gradient_accumulation_steps:
         raise UserError(f"the {train_batches} training batches per epoch cannot be split into optimiser steps of "

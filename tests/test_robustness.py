@@ -211,3 +211,17 @@ def test_a_mixs_part_means_cover_every_processs_images_under_torchrun(monkeypatc
     row = bookkeeping.epoch_metrics(0, torch.zeros(4), {}, timer, timer, name)
     whole = float(torch.as_tensor(rewards.jpeg_compressibility(images, ["a"] * 4), dtype=torch.float64).mean())
     assert row["jpeg_compressibility_mean"] == pytest.approx(whole)
+
+
+def test_torchrun_with_fewer_batches_a_step_than_processes_says_some_processes_wait(tiny_dir, prompt_file, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import distributed
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    argv = ["--model", tiny_dir, "--prompt-file", prompt_file, "--sample-batch-size", "2", "--train-batch-size", "2",
+            "--sample-batches-per-epoch", "2", "--device", "cpu"]
+    for accumulation, said in (("1", True), ("2", False)):
+        args = bookkeeping.parse_args(d3po.Args, [*argv, "--output-dir", str(tmp_path / accumulation),
+                                                  "--gradient-accumulation-steps", accumulation])
+        bookkeeping.check_args(args, 2)
+        bookkeeping.release_output_dir(args)
+        assert ("some processes wait" in capsys.readouterr().out) == said
