@@ -127,7 +127,8 @@ def parse_args(args_class, argv=None, description=None, presets=None):
                 f"{'those flags' if len(changed) > 1 else 'the flag'}, or start a new run in another --output-dir).")
         ns.update({k: v for k, v in saved.items() if k in flags and k not in given and k != "resume"})
         ns["output_dir"] = ns["resume"]
-    ns["device"] = distributed.setup(ns["device"], ns["gradient_checkpointing"])  # under torchrun: this process's GPU
+    ns["device"] = distributed.setup(ns["device"], ns["gradient_checkpointing"],  # torchrun: this process's GPU
+                                     ns.get("process_timeout", 600.0))
     return args_class(**ns)
 
 

@@ -56,6 +56,8 @@ class Args:
     tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
                             "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    process_timeout: float = arg(600.0, "torchrun: seconds a process waits for the others before the run stops "
+                                 "(gloo's and NCCL's own: 30 minutes)", within="(0, inf)")
     resume: str = arg(None, "continue the run in this output directory from its last finished epoch")
     # --- D3PO's own ---
     beta: float = arg(0.1, "DPO's beta, on per-element mean log-probs (D3PO reference code: 0.1)", within="(0, inf)")

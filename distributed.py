@@ -15,6 +15,7 @@ what one process would, to float rounding:
 gloo on the CPU, NCCL on CUDA (each process on its LOCAL_RANK's GPU). One process: everything here is a no-op.
 """
 import ctypes
+import datetime
 import os
 import sys
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 
-def setup(device, save_memory=False):
+def setup(device, save_memory=False, timeout=600.0):
     """Join torchrun's process group when there is one (WORLD_SIZE > 1); returns this process's device. TF32
     matmuls are allowed on CUDA (the speed of half precision's tensor cores for float32 matmuls); save_memory
     (--gradient-checkpointing) on the CPU also gives freed tensors back to the system at once (return_freed_memory,
@@ -35,7 +36,10 @@ def setup(device, save_memory=False):
     if torch.device(device).type == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    # timeout: how long a collective waits for a process that does not come (a stuck process ends the run then,
+    # with an error in the processes that waited; the last finished epoch's checkpoint is whole)
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout))
     return device
 
 

@@ -55,6 +55,8 @@ class Args:
     tensorboard: bool = arg(False, "also log the metrics for TensorBoard, in <output-dir>/tensorboard (pip install "
                             "tensorboard; then tensorboard --logdir <output-dir>)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    process_timeout: float = arg(600.0, "torchrun: seconds a process waits for the others before the run stops "
+                                 "(gloo's and NCCL's own: 30 minutes)", within="(0, inf)")
     resume: str = arg(None, "continue the run in this output directory from its last finished epoch")
     # --- PRDP's own ---
     beta: float = arg(3e-5, "KL weight, on the scale docs/conventions.md states (PRDP Table 4: 3e-5)", within="(0, inf)")

@@ -1,8 +1,11 @@
 """Several processes with torchrun (distributed.py): two CPU processes (gloo) train what one process trains on the
 same flags, write nothing twice, and hand a run on to any number of processes."""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -93,3 +96,33 @@ def test_the_epochs_sampling_batches_must_be_shared_evenly(monkeypatch, tiny_dir
                                   ["--sample-batches-per-epoch", "2", "--gradient-accumulation-steps", "1"])
     with pytest.raises(bookkeeping.UserError, match="must be a multiple of the 4 processes"):
         ddpo.check_args(args)
+
+
+@pytest.mark.slow  # torchrun, an epoch, the timeout, and torchrun's own wait before it kills the stopped process
+def test_a_stuck_process_ends_the_run_in_bounded_time_with_the_last_checkpoint_whole(tiny_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    argv = run_args(ddpo, tiny_dir, prompt_file, out, epochs=1000) + ["--process-timeout", "5"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            os.path.join(ROOT, "ddpo.py"), *argv], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env, cwd=ROOT, start_new_session=True)
+    stuck = None
+    try:
+        start = time.monotonic()
+        while not (out / "checkpoint.pt").is_file():
+            assert time.monotonic() - start < 300 and run.poll() is None, "no epoch finished"
+            time.sleep(0.5)
+        children = [int(c) for t in os.listdir(f"/proc/{run.pid}/task")
+                    for c in open(f"/proc/{run.pid}/task/{t}/children").read().split()]
+        stuck = next(c for c in children if b"\0RANK=1\0" in b"\0" + open(f"/proc/{c}/environ", "rb").read())
+        os.kill(stuck, signal.SIGSTOP)  # as a debugger, a full swap or a hung driver would
+        stopped = time.monotonic()
+        run.wait(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        for pid, kill, sig in ((stuck, os.kill, signal.SIGCONT), (run.pid, os.killpg, signal.SIGKILL)):
+            with contextlib.suppress(ProcessLookupError, TypeError):  # gone already (or never found)
+                kill(pid, sig)
+    assert run.returncode != 0 and waited < 5 + 60, waited  # not gloo's 30 minutes
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] >= 0 and not [f for f in os.listdir(out) if f.endswith(".tmp")]

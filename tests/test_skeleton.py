@@ -22,7 +22,7 @@ MODULES = {"ddpo": ddpo, "d3po": d3po, "prdp": prdp}
 SHARED_FLAGS = ["model", "prompt_file", "reward", "output_dir", "num_epochs", "seed", "resolution", "num_steps", "eta",
                 "guidance_scale", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
                 "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm", "lora_rank",
-                "lora_targets", "mixed_precision", "gradient_checkpointing", "tensorboard", "device",
+                "lora_targets", "mixed_precision", "gradient_checkpointing", "tensorboard", "device", "process_timeout",
                 "resume"]
 # the plumbing every main() calls, in this order
 SKELETON_CALLS = ["parse_args", "check_args", "load_prompts", "get_reward_fn", "load_policy", "make_optimizer",
