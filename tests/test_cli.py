@@ -106,7 +106,7 @@ def test_bad_input_is_one_sentence_without_traceback(script, module, tiny_dir, p
 
 # flags whose default is a choice of this project rather than a hyperparameter with a source
 NO_SOURCE = {"output_dir", "seed", "device", "resume", "mixed_precision", "labels", "start_from",
-             "gradient_checkpointing", "tensorboard"}
+             "gradient_checkpointing", "tensorboard", "process_timeout"}
 SOURCE = re.compile(r"reference|paper|DDPO|D3PO|PRDP|Table|Sec\.|SD v1")
 
 
