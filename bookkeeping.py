@@ -78,6 +78,17 @@ def load_prompts(path):
     return prompts
 
 
+def say_long_prompts(tokenizer, prompts):
+    """Stable Diffusion's text encoder reads the first 77 tokens of a prompt and drops the rest: said once a run,
+    with the count, where a prompt is longer."""
+    prompts, limit = sorted(set(prompts)), tokenizer.model_max_length
+    long = [p for p, ids in zip(prompts, tokenizer(prompts).input_ids) if len(ids) > limit]
+    if long and distributed.is_main():
+        print(f"note: {len(long)} of the {len(prompts)} prompts are longer than the text encoder's {limit} tokens "
+              f"(its start and end included) and are cut to them, as Stable Diffusion does; the first: "
+              f"{long[0][:80]!r}...", flush=True)
+
+
 # ---- The command line: a dataclass of arguments, each with its help text and the source of its default -------------
 
 def arg(default, help, choices=None, within=None):

@@ -121,6 +121,7 @@ def main(argv=None):
     prompts = bookkeeping.load_prompts(args.prompt_file)
     reward_fns = [get_reward_fn(name) for name in args.reward.split(",")]  # ALGO LOGIC: several, Pareto dominance
     policy, params = common.load_policy(args, reference=True)  # ALGO LOGIC: and pi_ref
+    bookkeeping.say_long_prompts(policy.pipe.tokenizer, prompts)  # cut to the text encoder's window
     if args.sample_only:  # ALGO LOGIC: human feedback, 1: a round of images for people to score (2), then --labels (3)
         return human_feedback.sample_round(policy, args, prompts)
     optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)

@@ -126,6 +126,7 @@ def main(argv=None):
     prompts = bookkeeping.load_prompts(args.prompt_file)
     reward_fn = get_reward_fn(args.reward)  # ALGO LOGIC: one reward
     policy, params = common.load_policy(args)  # ALGO LOGIC: no reference model
+    bookkeeping.say_long_prompts(policy.pipe.tokenizer, prompts)  # cut to the text encoder's window
     optimizer = common.make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = common.make_scaler(args.device, args.mixed_precision)
     resumed = bookkeeping.load_checkpoint(policy.pipe, optimizer, scaler, args.output_dir) if args.resume else None

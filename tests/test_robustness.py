@@ -225,3 +225,14 @@ def test_torchrun_with_fewer_batches_a_step_than_processes_says_some_processes_w
         bookkeeping.check_args(args, 2)
         bookkeeping.release_output_dir(args)
         assert ("some processes wait" in capsys.readouterr().out) == said
+
+
+def test_prompts_longer_than_the_text_encoders_window_are_said_once_with_their_count(capsys):
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(common.TOY_MODEL, "tokenizer"))
+    long = " ".join(["a small red square"] * 5)  # 20 words: the toy model's encoder reads 16 tokens
+    bookkeeping.say_long_prompts(tokenizer, ["a small red square", long, long, "a big blue circle"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "1 of the 3 prompts are longer than the text encoder's 16 tokens" in out
+    bookkeeping.say_long_prompts(tokenizer, ["a small red square"])
+    assert capsys.readouterr().out == ""

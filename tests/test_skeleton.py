@@ -25,8 +25,8 @@ SHARED_FLAGS = ["model", "prompt_file", "reward", "output_dir", "num_epochs", "s
                 "lora_targets", "mixed_precision", "gradient_checkpointing", "tensorboard", "device", "process_timeout",
                 "resume"]
 # the plumbing every main() calls, in this order
-SKELETON_CALLS = ["parse_args", "check_args", "load_prompts", "get_reward_fn", "load_policy", "make_optimizer",
-                  "make_scaler", "load_checkpoint", "start_output", "epoch_generator", "sample_epoch",
+SKELETON_CALLS = ["parse_args", "check_args", "load_prompts", "get_reward_fn", "load_policy", "say_long_prompts",
+                  "make_optimizer", "make_scaler", "load_checkpoint", "start_output", "epoch_generator", "sample_epoch",
                   "compute_rewards", "minibatches", "optimizer_step", "epoch_metrics", "end_epoch", "finish"]
 SECTIONS = ["# ---- 1. ALGO LOGIC: sample", "# ---- 2. ALGO LOGIC", "# ---- 3. ALGO LOGIC",
             "# ---- 4. log, show, save ----"]
