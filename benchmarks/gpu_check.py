@@ -1,0 +1,162 @@
+"""What only a GPU can show, in one command of at most about 8 minutes: run it whenever a GPU is lent.
+
+    python benchmarks/gpu_check.py              # one GPU: SD v1.5's size (random weights), 512 px, fp16, LoRA rank 4
+    python benchmarks/gpu_check.py --reduced    # the same code on the CPU, a tiny pipeline at 32 px (tests run this)
+
+1. One epoch of each script (benchmarks/memory.py's runs: one sample a sampling batch, a training batch of one,
+   the papers' 50 / 20 / 50 denoising steps, the JPEG-compressibility reward), with and without
+   --gradient-checkpointing, each in its own process: CUDA's peak allocated and reserved memory, the seconds of
+   sampling, reference log-probs and training, and trajectories per second (images sampled and trained on an epoch,
+   over the epoch's seconds).
+2. The log-prob drift: the policy samples 4 images in one batch and stores each step's log-prob; the same policy,
+   before any update, recomputes them in training batches of 2, as the scripts do. Their difference is the
+   log-ratio log pi_theta / pi_old that DDPO's and PRDP's clips see at an epoch's first step, and that D3PO sees
+   against its reference: it should be 0. Measured in float32, fp16 and bf16 autocast; its largest |value| is set
+   beside DDPO's clip range (1e-4, per element), PRDP's eps (Table 4: 1e-6) and D3PO's ratio clamp (0.1).
+3. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
+   versions, and the tables. ddpo-pytorch reports about 0.22 trajectories per second per A100 and 10-16 GB at
+   512 px with LoRA; the table says so beside ours.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memory  # noqa: E402
+
+ROOT = memory.ROOT
+CLIPS = {"DDPO clip range": 1e-4, "PRDP eps (Table 4)": 1e-6, "D3PO ratio clamp": 0.1}
+IMAGES = {"ddpo": 1, "d3po": 2, "prdp": 2}  # an epoch of memory.FLAGS
+
+
+def drift(model, device, precision, steps, resolution):
+    """Max |log pi_theta - log pi_old| per element, of every stored step, recomputed in batches of 2 before any update."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    import bookkeeping
+    import common
+    import ddpo
+    args = bookkeeping.parse_args(ddpo.Args, ["--model", model, "--device", device, "--mixed-precision", precision,
+                                              "--num-steps", str(steps), "--resolution", str(resolution),
+                                              "--sample-batch-size", "4", "--sample-batches-per-epoch", "1",
+                                              "--lora-rank", "4", "--output-dir", "unused"])
+    policy, _ = common.load_policy(args)
+    policy.pipe.unet.eval()
+    generator = torch.Generator("cpu").manual_seed(0)
+    _, samples = common.sample_epoch(policy, args, ["a photo of a cat"], generator, progress=False)
+    worst = 0.0
+    with torch.no_grad():
+        for start in (0, 2):
+            idx = torch.arange(start, start + 2, device=samples.latents.device)
+            for s in range(steps):
+                again = common.log_prob(policy, samples, idx, s)
+                worst = max(worst, float((again - samples.log_probs[idx, s]).abs().max()))
+    return {"precision": precision, "max_abs_log_ratio": worst}
+
+
+def child(job):
+    print("RESULT " + json.dumps(drift(**job)), flush=True)
+
+
+def run_drift(job):
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode or not lines:
+        return {"precision": job["precision"], "error": (result.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def versions():
+    import diffusers
+    import peft
+    import torch
+    import transformers
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": sys.version.split()[0]}
+
+
+def markdown(report):
+    lines = [f"GPU check, {report['date']}, {report['device']}; " + ", ".join(f"{k} {v}" for k, v in
+                                                                            report["versions"].items()), "",
+             f"One epoch, {report['setting']}:", "",
+             "| run | CUDA peak allocated GiB | reserved GiB | peak RSS GiB | sampling s | reference s | training s "
+             "| epoch s | trajectories/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["epochs"]:
+        cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("cuda_allocated_gib", "cuda_reserved_gib",
+                                                            "peak_rss_gib", "sampling_s", "reference_s",
+                                                            "training_s", "epoch_s", "trajectories_per_s")]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "ddpo-pytorch (the DDPO authors' PyTorch port) reports about 0.22 trajectories/s per A100 and "
+              "10-16 GB at 512 px with LoRA.", "", "Log-prob drift before any update (per element; 0 is exact):", "",
+              "| precision | max abs log-ratio | " + " | ".join(f"within {k} {v:g}" for k, v in CLIPS.items()) + " |",
+              "|---|---|" + "---|" * len(CLIPS)]
+    for d in report["drift"]:
+        if "error" in d:
+            lines.append(f"| {d['precision']} | failed: {d['error']} |" + " |" * len(CLIPS))
+            continue
+        lines.append(f"| {d['precision']} | {d['max_abs_log_ratio']:.3g} | " + " | ".join(
+            "yes" if d["max_abs_log_ratio"] <= v else "no" for v in CLIPS.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reduced", action="store_true", help="the CPU and a tiny pipeline (a test of this script)")
+    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp",
+                                                       "sd15-random"), help="where the random SD v1.5 is saved")
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.child:
+        return child(json.loads(opts.child))
+    import torch
+    if opts.reduced:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from tiny_pipeline import make_tiny_pipeline
+        model, device, resolution = make_tiny_pipeline(f"/tmp/gpu-check-tiny-{os.getpid()}"), "cpu", 32
+        precisions, runs = ["no", "bf16"], [("ddpo", False), ("ddpo", True), ("d3po", False), ("prdp", False)]
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA GPU here: run it where one is, or give --reduced")
+        model, device, resolution = opts.cache, "cuda", 512
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            memory.make_sd15(model)
+        precisions, runs = ["no", "fp16", "bf16"], [(s, gc) for s in ("ddpo", "d3po", "prdp") for gc in (False, True)]
+    epochs = []
+    for script, gc in runs:
+        label = f"{script}.py{' +checkpointing' * gc}"
+        out = f"/tmp/gpu-check-{script}-{int(gc)}-{os.getpid()}"
+        steps = 2 if opts.reduced else memory.STEPS["cuda"][script]
+        argv = ["--model", model, "--output-dir", out, "--num-epochs", "1", "--num-steps", str(steps),
+                "--lora-rank", "4", "--device", device, "--reward", "jpeg_compressibility", "--resolution",
+                str(resolution), *memory.FLAGS[script], *(["--gradient-checkpointing"] * gc)]
+        print(f"running {label} ...", flush=True)
+        row = {"label": label} | memory.run_child(sys.executable, dict(label=label, script=script, argv=argv,
+                                                                        output_dir=out, device=device))
+        row["trajectories_per_s"] = IMAGES[script] / row["epoch_s"]
+        epochs.append(row)
+    print("log-prob drift ...", flush=True)
+    drifts = [run_drift(dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
+                             resolution=resolution)) for p in precisions]
+    report = {"date": datetime.date.today().isoformat(),
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU (reduced mode)",
+              "versions": versions(), "epochs": epochs, "drift": drifts,
+              "setting": (f"{'a tiny pipeline, 32 px, 2 steps, CPU' if opts.reduced else 'SD v1.5 size, 512 px, fp16'}"
+                          f", LoRA rank 4, one sample a sampling batch (D3PO: a pair; PRDP: a prompt's two images)")}
+    os.makedirs(opts.results, exist_ok=True)
+    name = "gpu_check_reduced" if opts.reduced else "gpu_check"
+    with open(os.path.join(opts.results, name + ".json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(os.path.join(opts.results, name + ".md"), "w") as f:
+        f.write(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
