@@ -450,13 +450,13 @@ def save_curves(rows, path):
     plt.close(figure)
 
 
-CURVES_EVERY = 30.0  # seconds: a plot takes about half a second, a toy model's epoch a few
-CURVES_DRAWN = {}    # output directory -> (time.monotonic(), metrics rows) of its last curves.png
+CURVES_EVERY = 30.0  # seconds: a plot takes about a second, a toy model's epoch a few
+CURVES_DRAWN = {}    # output directory -> (time.monotonic(), metrics rows) of its last curves.png, or of its start
 
 
 def draw_curves(output_dir, final=False):
-    """Redraw curves.png from metrics.jsonl at most every CURVES_EVERY seconds, and at the run's end (final) if an
-    epoch came since."""
+    """Redraw curves.png from metrics.jsonl every CURVES_EVERY seconds from the run's start (start_output), and at
+    its end (final) if an epoch came since: a run shorter than that draws once."""
     rows = read_metrics(output_dir)
     last, drawn = CURVES_DRAWN.get(output_dir, (-math.inf, 0))
     if rows and len(rows) != drawn and (final or time.monotonic() - last >= CURVES_EVERY):
@@ -546,6 +546,7 @@ def start_output(args, start_epoch):
         return
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     remove_stale_temporaries(args.output_dir)
+    CURVES_DRAWN[args.output_dir] = time.monotonic(), 0
     write_config(args)
     write_metrics(args.output_dir, [r for r in read_metrics(args.output_dir) if r["epoch"] < start_epoch])
     print(f"writing to {args.output_dir}", flush=True)

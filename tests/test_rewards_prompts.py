@@ -9,6 +9,7 @@ from PIL import Image
 
 import bookkeeping
 import rewards
+from common import UserError
 from conftest import ROOT
 
 
@@ -111,6 +112,6 @@ def test_a_failed_write_leaves_neither_a_half_file_nor_the_old_one_changed(tmp_p
             f.write("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="is the disk full"):  # one sentence (the OSError is its cause)
         bookkeeping.atomic_write(str(path), full_disk)
     assert path.read_text() == "the previous epoch" and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
