@@ -149,6 +149,7 @@ def test_a_name_that_is_not_a_safe_file_name_is_refused_and_nothing_is_written(s
     ({"prompt": "0", "scores": [1, 0, -1]}, "not one of the round's 3 prompts"),
     ({"prompt": 0, "scores": [1, 0]}, "2 scores for 3 images"),
     ({"prompt": 0, "scores": [1, "x", 0]}, "is not a number"),
+    ({"prompt": 0, "scores": [1, 10 ** 400, 0]}, "is not a number (or too large for one)"),  # not a dropped line
     ({"prompt": 0, "scores": None}, "no \"scores\" list"),
     ([0, [1, 0, -1]], "must be"),
     (b"{not json", "not JSON")])
