@@ -91,22 +91,22 @@ def evaluate_run(run_dir, prompts, rewards, images_per_prompt, device, batch_siz
     """The before/after comparison of a run, as a dict (what the JSON holds), and the two grids' images."""
     reward_fns = {name: get_reward_fn(name) for name in rewards}  # an unknown reward is refused before loading
     args, policy = load_run(run_dir, device)
-    with common.reference_model(policy.pipe):
-        before, _ = held_apart_samples(policy, args, prompts, images_per_prompt, batch_size=batch_size)
+    with common.reference_model(policy.pipe):  # the images kept, not the trajectories (GBs at 512 px)
+        before = held_apart_samples(policy, args, prompts, images_per_prompt, batch_size=batch_size)[0].images
     after, log_ratio = held_apart_samples(policy, args, prompts, images_per_prompt, kl=True, batch_size=batch_size)
+    after = after.images
     eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    metrics = {name: compare(compute_rewards(fn, before.images, eval_prompts).numpy(),
-                             compute_rewards(fn, after.images, eval_prompts).numpy())
+    metrics = {name: compare(compute_rewards(fn, before, eval_prompts).numpy(),
+                             compute_rewards(fn, after, eval_prompts).numpy())
                for name, fn in reward_fns.items()}
     if images_per_prompt > 1:
-        metrics["diversity"] = compare(diversity(before.images, images_per_prompt),
-                                       diversity(after.images, images_per_prompt))
+        metrics["diversity"] = compare(diversity(before, images_per_prompt), diversity(after, images_per_prompt))
     kl, kl_se = mean_se(log_ratio.sum(1).numpy())
     result = {"run": os.path.abspath(run_dir), "base": args.model, "start_from": getattr(args, "start_from", None),
               "prompts": len(prompts), "images_per_prompt": images_per_prompt, "eval_seed": EVAL_SEED,
               "date": datetime.date.today().isoformat(), "metrics": metrics,
               "kl": {"mean": kl, "se": kl_se, "per_step": log_ratio.mean(0).tolist()}}
-    return result, before.images[::images_per_prompt], after.images[::images_per_prompt]
+    return result, before[::images_per_prompt], after[::images_per_prompt]
 
 
 def table(result):
