@@ -127,7 +127,9 @@ def label_file(round_dir, annotator):
     if not isinstance(annotator, str) or not ANNOTATOR.fullmatch(annotator) or annotator.lower() in RESERVED:
         raise UserError(f"the annotator name {annotator!r} cannot name a file: use 1 to 64 letters, digits, '_' or "
                         f"'-', starting with a letter or digit, and not a name Windows reserves (con, nul, com1, ...).")
-    return os.path.join(round_dir, "labels", annotator.lower() + ".json")  # Ann and ann: one file, on every system
+    written, folded = (os.path.join(round_dir, "labels", name + ".json") for name in (annotator, annotator.lower()))
+    # Ann and ann: one file on every system (a file an earlier version wrote under Ann is still Ann's)
+    return written if os.path.isfile(written) and not os.path.isfile(folded) else folded
 
 
 def read_answers(round_dir, annotator, template):

@@ -174,6 +174,9 @@ def test_label_scores_too_large_for_a_float_and_reserved_names_are_one_sentence(
         with pytest.raises(UserError, match="Windows reserves"):
             human_feedback.label_file(str(tmp_path), name)
     assert human_feedback.label_file(str(tmp_path), "Ann") == human_feedback.label_file(str(tmp_path), "ann")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "Bob.json").write_text("[]")  # written before names were folded: still Bob's
+    assert human_feedback.label_file(str(tmp_path), "Bob").endswith("Bob.json")
 
 
 def test_a_prompt_file_with_a_byte_order_mark(tmp_path):
