@@ -76,6 +76,15 @@ def round_args(tiny_dir, prompt_file, out, *extra):
             "--device", "cpu", *extra]
 
 
+def copy_round(first_round, tmp_path):
+    """A copy of the first round's files (not its labels) in tmp_path/round, for a test to label or damage."""
+    r = tmp_path / "round"
+    r.mkdir()
+    for f in human_feedback.ROUND_FILES:
+        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    return r
+
+
 @pytest.fixture(scope="module")
 def first_round(tiny_dir, prompt_file, tmp_path_factory):
     base = tmp_path_factory.mktemp("rounds")
@@ -140,10 +149,7 @@ BAD_LABELS = {
 @pytest.mark.parametrize("case", BAD_LABELS)
 def test_label_files_that_do_not_match_their_round_are_refused(case, first_round, tiny_dir, prompt_file, tmp_path):
     scores, message = BAD_LABELS[case]
-    r = tmp_path / "round"
-    r.mkdir()
-    for f in human_feedback.ROUND_FILES:
-        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    r = copy_round(first_round, tmp_path)
     template = json.loads((r / "labels_template.json").read_text())
     entries = [dict(template[i], scores=s) for i, s in enumerate(scores)]
     (r / "labels").mkdir()
@@ -154,10 +160,7 @@ def test_label_files_that_do_not_match_their_round_are_refused(case, first_round
 
 
 def test_a_round_whose_every_prompt_ties_is_refused_before_training(first_round, tiny_dir, prompt_file, tmp_path):
-    r = tmp_path / "round"
-    r.mkdir()
-    for f in human_feedback.ROUND_FILES:
-        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    r = copy_round(first_round, tmp_path)
     label(r, "erin.json", [[2, 2, 2], [0, 0, 0], [5, 5, 5]])
     with pytest.raises(common.UserError, match="all the images have the same score"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
@@ -165,10 +168,7 @@ def test_a_round_whose_every_prompt_ties_is_refused_before_training(first_round,
 
 
 def test_a_round_without_labels_is_refused(first_round, tiny_dir, prompt_file, tmp_path):
-    r = tmp_path / "round"
-    r.mkdir()
-    for f in human_feedback.ROUND_FILES:
-        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    r = copy_round(first_round, tmp_path)
     with pytest.raises(common.UserError, match="no label files"):
         d3po.main(round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r)))
     with pytest.raises(common.UserError, match="not a round written by d3po.py --sample-only"):
@@ -182,10 +182,7 @@ def test_training_on_a_round_takes_its_settings_and_says_which(first_round, tiny
                                                                capsys):
     """The stored log-probs are the reference's, so a round is trained with the steps, guidance, ... it was sampled
     with; a flag that says otherwise is replaced, and the run prints which."""
-    r = tmp_path / "round"
-    r.mkdir()
-    for f in human_feedback.ROUND_FILES:
-        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    r = copy_round(first_round, tmp_path)
     label(r, "erin.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
     out = tmp_path / "out"
     argv = round_args(tiny_dir, prompt_file, out, "--labels", str(r), "--num-epochs", "1")
@@ -229,10 +226,7 @@ def test_a_round_trained_with_other_numerics_gets_its_reference_log_probs_comput
                                                                                         prompt_file, tmp_path):
     """The stored sampling log-probs are the reference's only when training computes log-probs as sampling did; a
     round sampled in float32 and trained under bf16 autocast has them computed again, with this run's numerics."""
-    r = tmp_path / "round"
-    r.mkdir()
-    for f in human_feedback.ROUND_FILES:
-        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    r = copy_round(first_round, tmp_path)
     label(r, "erin.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
     for mixed_precision, recomputed in (("no", False), ("bf16", True)):
         args = bookkeeping.parse_args(d3po.Args, round_args(tiny_dir, prompt_file, tmp_path / "out", "--labels", str(r),
@@ -256,10 +250,7 @@ def test_a_round_trained_with_other_numerics_gets_its_reference_log_probs_comput
 
 def test_training_into_the_round_itself_is_refused_and_the_round_is_left_as_it_was(first_round, tiny_dir, prompt_file,
                                                                                     tmp_path):
-    r = tmp_path / "round"
-    r.mkdir()
-    for f in human_feedback.ROUND_FILES:
-        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    r = copy_round(first_round, tmp_path)
     label(r, "frank.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
     before = {f: (r / f).read_bytes() for f in human_feedback.ROUND_FILES}
     with pytest.raises(common.UserError, match=r"holds a d3po.py round of human feedback \(--sample-only\), which "
@@ -270,10 +261,7 @@ def test_training_into_the_round_itself_is_refused_and_the_round_is_left_as_it_w
 
 
 def test_damaged_rounds_and_start_points_are_refused_in_one_sentence(first_round, tiny_dir, prompt_file, tmp_path):
-    r = tmp_path / "round"
-    r.mkdir()
-    for f in human_feedback.ROUND_FILES:
-        (r / f).write_bytes((first_round / "round1" / f).read_bytes())
+    r = copy_round(first_round, tmp_path)
     label(r, "gina.json", [[0, 1, 2], [2, 1, 0], [1, 1, 0]])
     (r / "labels" / "notes.json").mkdir()  # a directory that looks like a label file is not read as one
     full = (r / "trajectories.safetensors").read_bytes()

@@ -18,9 +18,8 @@ import ddpo
 import evaluate
 import shapes
 from common import UserError
+from conftest import ROOT
 from test_ddpo_e2e import tiny_args
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_diversity_is_each_prompts_mean_rms_difference_over_every_pair_of_its_images():

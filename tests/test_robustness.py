@@ -19,9 +19,8 @@ import d3po
 import ddpo
 import human_feedback
 from common import UserError
+from conftest import ROOT
 from rewards import compute_rewards
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_full_disk_while_writing_is_one_sentence_and_keeps_the_old_file(tmp_path):
