@@ -13,8 +13,6 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm.auto import tqdm
 
-import distributed
-
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")  # --model toy
 
 
@@ -151,7 +149,7 @@ def sample_trajectories(policy, prompt_embeds, generator, latents=None, progress
         latents = torch.randn((B, *latent_size(pipe)), generator=generator, device=generator.device)
     latents = latents.to(prompt_embeds.device, torch.float32) * pipe.scheduler.init_noise_sigma  # 1.0 for DDIM
     all_latents, all_log_probs = [latents], []
-    for t in tqdm(pipe.scheduler.timesteps, desc="sampling", leave=False, disable=not progress or distributed.rank()):
+    for t in tqdm(pipe.scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
         noise_pred = guided_noise_pred(policy, latents, t, prompt_embeds)
         latents, log_prob = ddim_step_with_logprob(pipe.scheduler, noise_pred, t, latents, policy.eta, None, generator)
         all_latents.append(latents)
@@ -169,10 +167,11 @@ def log_prob(policy, samples, idx, s):
 
 
 def sample_epoch(policy, args, prompts, generator, images_per_prompt=1, shared_noise=False, draw=True,
-                 progress=True):
+                 progress=True, sample=None):
     """Sample args.sample_batch_size * args.sample_batches_per_epoch images, in batches of args.sample_batch_size:
     prompts drawn at random (draw=True), or each prompt given (draw=False), images_per_prompt images each, side by
-    side; shared_noise=True gives a prompt's images one x_T (D3PO's pairs). Returns (prompts, Trajectories)."""
+    side; shared_noise=True gives a prompt's images one x_T (D3PO's pairs). Returns (prompts, Trajectories).
+    sample: what samples one batch, sample_trajectories unless given (distributed.py gives one of its own)."""
     if draw:
         n_prompts = args.sample_batch_size * args.sample_batches_per_epoch // images_per_prompt
         prompts = [prompts[i] for i in torch.randint(len(prompts), (n_prompts,), generator=generator).tolist()]
@@ -182,14 +181,12 @@ def sample_epoch(policy, args, prompts, generator, images_per_prompt=1, shared_n
         noise = torch.randn((len(prompts), *latent_size(policy.pipe)), generator=generator, device=generator.device)
         noise = noise.repeat_interleave(images_per_prompt, 0)
     parts, size = [], args.sample_batch_size
-    for b, start in enumerate(range(0, len(batch_prompts), size)):
-        if distributed.others(b, generator, policy.num_steps + (noise is None), (size, *latent_size(policy.pipe))):
-            continue  # torchrun: another process samples this batch (its noise is drawn and dropped); gathered below
+    for start in range(0, len(batch_prompts), size):
         embeds = encode_prompts(policy.pipe, batch_prompts[start:start + size])
         x_T = None if noise is None else noise[start:start + size]
-        parts.append(sample_trajectories(policy, embeds, generator, latents=x_T, progress=progress))
-    return batch_prompts, Trajectories(*(parts[0].timesteps if f.name == "timesteps" else distributed.gather_batches(
-        torch.cat([getattr(p, f.name) for p in parts]), size) for f in fields(Trajectories)))
+        parts.append((sample or sample_trajectories)(policy, embeds, generator, latents=x_T, progress=progress))
+    return batch_prompts, Trajectories(*(parts[0].timesteps if f.name == "timesteps" else
+                                         torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)))
 
 
 @torch.no_grad()
@@ -197,14 +194,14 @@ def reference_log_probs(policy, samples, batch_size, rows=None):
     """log pi_ref of every sampled step, (B, T): the reference model's log-probs do not depend on the trained
     parameters, so D3PO and PRDP compute them once per sample, here, and never in the training loop.
     rows: only these samples' (the ones that will be trained on); the other rows are NaN."""
-    out = torch.zeros_like(samples.log_probs)
+    out = torch.full_like(samples.log_probs, float("nan"))
     rows = torch.arange(len(out)) if rows is None else torch.as_tensor(rows).flatten().cpu()
     with reference_model(policy.pipe):
-        for b, start in enumerate(range(0, len(rows), batch_size)):
+        for start in range(0, len(rows), batch_size):
             idx = rows[start:start + batch_size].to(samples.latents.device)
-            for s in range(out.shape[1] if distributed.mine(b) else 0):  # torchrun: each process its batches
+            for s in range(out.shape[1]):
                 out[idx, s] = log_prob(policy, samples, idx, s)
-    return distributed.sum_rows(out, rows)  # each process's rows (one process: all); NaN in the rows not asked for
+    return out
 
 
 def evaluate(policy, prompts, seed, batch_size=32):
@@ -336,8 +333,7 @@ def minibatches(order, batch_size, step_size):
 
 def optimizer_step(optimizer, scaler, params, max_grad_norm):
     """Unscale (fp16), clip, step, zero the gradients; returns the pre-clip norm. A non-finite gradient never reaches
-    the weights: fp16's scaler skips that step; otherwise the run stops. (torchrun: the processes' shares summed.)"""
-    distributed.sum_gradients(params)
+    the weights: fp16's scaler skips that step; otherwise the run stops."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(norm) and not scaler.is_enabled():
@@ -346,5 +342,4 @@ def optimizer_step(optimizer, scaler, params, max_grad_norm):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    distributed.check_in_step(params)
     return float(norm)

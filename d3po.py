@@ -142,14 +142,14 @@ def main(argv=None):
             if args.labels:
                 samples = labelled  # the round's trajectories, trained on every epoch
             else:
-                batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, images_per_prompt=2,
-                                                             shared_noise=args.shared_noise)  # from one x_T
+                batch_prompts, samples = distributed.sample_epoch(policy, args, prompts, generator, images_per_prompt=2,
+                                                                  shared_noise=args.shared_noise)  # from one x_T
                 rewards = torch.stack([compute_rewards(fn, samples.images, batch_prompts, epoch)
                                        for fn in reward_fns], 1)
                 # ---- 2. ALGO LOGIC: what to learn from the rewards: the winner of each pair; ties are dropped ----
                 pairs = preferences(rewards, torch.arange(len(rewards)).view(-1, 2))        # (n, 2), winner first
                 # log pi_ref does not depend on theta: once per trained image, never in the training loop
-                ref_log_probs = common.reference_log_probs(policy, samples, args.sample_batch_size, pairs)
+                ref_log_probs = distributed.reference_log_probs(policy, samples, args.sample_batch_size, pairs)
             order = pairs[torch.randperm(len(pairs), generator=generator)].flatten()  # images: winner, loser, ...
             trained_steps = args.num_steps  # every denoising step of the pair
             bookkeeping.log_info(info, pairs=len(pairs))
@@ -159,11 +159,10 @@ def main(argv=None):
         policy.pipe.unet.train()
         with bookkeeping.Timer() as train_timer:
             for step_batches in common.minibatches(order, args.train_batch_size, step_size):
-                for b, idx in enumerate(step_batches):
-                    # the winner and the loser of a pair at the same step, the steps in a random order
-                    steps = torch.randperm(args.num_steps, generator=generator).expand(len(idx), -1)     # (2b, T)
-                    if not distributed.mine(b):  # torchrun: another process's batch (distributed.py)
-                        continue
+                # the winner and the loser of a pair at the same step, the steps in a random order
+                orders = [torch.randperm(args.num_steps, generator=generator).expand(len(idx), -1)         # (2b, T)
+                          for idx in step_batches]
+                for idx, steps in distributed.share(zip(step_batches, orders)):  # torchrun: this process's (one: all)
                     for j in range(trained_steps):
                         s = steps[:, j]                                                      # (2b,) a step each
                         log_probs = common.log_prob(policy, samples, idx, s).view(-1, 2)     # log pi_theta, (b, 2)
@@ -171,7 +170,7 @@ def main(argv=None):
                                                     args.ratio_clip)
                         scaler.scale(loss / (trained_steps * len(step_batches))).backward()  # mean of the step
                         bookkeeping.log_info(info, loss=loss, **step_info)
-                norm = common.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
+                norm = distributed.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
                 bookkeeping.log_info(info, grad_norm=norm)
 
         # ---- 4. log, show, save ----

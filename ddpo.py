@@ -139,7 +139,7 @@ def main(argv=None):
         # ---- 1. ALGO LOGIC: sample images with the current policy (this epoch's pi_old) and score them ----
         policy.pipe.unet.eval()
         with bookkeeping.Timer() as sample_timer:
-            batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator)
+            batch_prompts, samples = distributed.sample_epoch(policy, args, prompts, generator)
             rewards = compute_rewards(reward_fn, samples.images, batch_prompts, epoch)  # (n,)
             # ---- 2. ALGO LOGIC: what to learn from the rewards: per-prompt normalised advantages ----
             advantages = per_prompt_advantages(extra.setdefault("stats", {}), batch_prompts, rewards,
@@ -152,11 +152,10 @@ def main(argv=None):
         policy.pipe.unet.train()
         with bookkeeping.Timer() as train_timer:
             for step_batches in common.minibatches(order, args.train_batch_size, step_size):
-                for b, idx in enumerate(step_batches):
-                    # each sample visits its steps in its own random order (reference code)
-                    steps = torch.stack([torch.randperm(args.num_steps, generator=generator) for _ in idx])  # (b, T)
-                    if not distributed.mine(b):  # torchrun: another process's batch (distributed.py)
-                        continue
+                # each sample visits its steps in its own random order (reference code)
+                orders = [torch.stack([torch.randperm(args.num_steps, generator=generator) for _ in idx])   # (b, T)
+                          for idx in step_batches]
+                for idx, steps in distributed.share(zip(step_batches, orders)):  # torchrun: this process's (one: all)
                     for j in range(trained_steps):
                         s = steps[:, j]                                                      # (b,) a step each
                         log_probs = common.log_prob(policy, samples, idx, s)                 # log pi_theta, (b,)
@@ -164,7 +163,7 @@ def main(argv=None):
                                                     args.clip_range, args.adv_clip_max, args.estimator)
                         scaler.scale(loss / (trained_steps * len(step_batches))).backward()  # mean of the step
                         bookkeeping.log_info(info, loss=loss, **step_info)
-                norm = common.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
+                norm = distributed.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
                 bookkeeping.log_info(info, grad_norm=norm)
 
         # ---- 4. log, show, save ----

@@ -2,25 +2,33 @@
 
 The flags keep their meaning whatever N is: an epoch is --sample-batch-size x --sample-batches-per-epoch images in
 all, an optimiser step --train-batch-size x --gradient-accumulation-steps. The N processes share that work and do
-what one process would, to float rounding:
-- every process draws the epoch's prompts and noise from the same epoch generator, and samples its share of the
-  sampling batches (batch b is process b mod N's); the others' noise it draws and drops, so that every process's
-  random stream stays the one-process run's;
-- the trajectories, rewards and reference log-probs are gathered, so every process holds the whole epoch, and
-  everything computed from it (DDPO's per-prompt statistics, D3PO's preferences, PRDP's pairs) is the same in all;
-- each optimiser step's training batches are shared the same way (whole batches: a D3PO pair and a PRDP prompt
-  stay in one process), and the gradients summed over the processes once per step, before clipping;
+what one process would, to float rounding. common.py's policy samples and trains as if alone; the scripts call it
+through the wrappers here, which share the work from outside:
+- `sample_epoch`: every process draws the epoch's prompts and noise from the same epoch generator, and samples its
+  share of the sampling batches (batch b is process b mod N's); the others' noise it draws and drops, so that every
+  process's random stream stays the one-process run's; the trajectories are summed over the processes (each holds
+  zeros in the rows it did not sample), so every process holds the whole epoch, and everything computed from it
+  (the rewards, gathered by rewards.py; DDPO's per-prompt statistics, D3PO's preferences, PRDP's pairs) is the same
+  in all;
+- `reference_log_probs`: the same, batch b of the rows process b mod N's;
+- `share`: each optimiser step's training batches shared the same way (whole batches: a D3PO pair and a PRDP prompt
+  stay in one process); `optimizer_step`: the gradients summed over the processes once per step, before clipping,
+  and the weights checked alike after it;
 - only process 0 writes (config, metrics, image grids, weights, checkpoints), and any number of processes can
   resume a run.
-gloo on the CPU, NCCL on CUDA (each process on its LOCAL_RANK's GPU). One process: everything here is a no-op.
+gloo on the CPU, NCCL on CUDA (each process on its LOCAL_RANK's GPU). One process: every wrapper is the common.py
+function it wraps.
 """
 import ctypes
 import datetime
+import itertools
 import os
 import sys
 
 import torch
 import torch.distributed as dist
+
+import common
 
 
 def setup(device, save_memory=False, timeout=600.0):
@@ -74,34 +82,65 @@ def mine(batch):
     return batch % world() == rank()
 
 
-def others(batch, generator, draws, shape):
-    """Whether sampling batch `batch` is another process's; if so, its noise (x_T unless given, and one a step) is
-    drawn here and dropped, so that this process's random stream goes on as the one-process run's does."""
-    if mine(batch):
-        return False
-    for _ in range(draws):
-        torch.randn(shape, generator=generator, device=generator.device)
-    return True
+def share(batches):
+    """This process's share of an optimiser step's training batches: batch b is process b mod N's."""
+    return [batch for b, batch in enumerate(batches) if mine(b)]
 
 
-def gather_batches(tensor, batch_size):
-    """This process's batches (its share, in order, each of batch_size rows) -> every process's, in batch order."""
+def sample_epoch(policy, args, prompts, generator, *more, **kwargs):
+    """common.sample_epoch, each process sampling its share of the batches; every process returns the whole epoch."""
     if world() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world())]
-    dist.all_gather(parts, tensor.contiguous())
-    # process r holds batches r, r + N, ...: interleave them back into 0, 1, 2, ...
-    batches = torch.stack([p.view(-1, batch_size, *p.shape[1:]) for p in parts], 1)  # (batches each, N, b, ...)
-    return batches.flatten(0, 2)
+        return common.sample_epoch(policy, args, prompts, generator, *more, **kwargs)
+    batches = itertools.count()  # the batch sample_mine is called for
+
+    def sample_mine(policy, embeds, generator, latents=None, progress=True):
+        if mine(next(batches)):
+            return common.sample_trajectories(policy, embeds, generator, latents, progress and is_main())
+        # another process's batch: its noise (x_T unless given, and one a step) drawn here and dropped, so that this
+        # process's random stream goes on as the one-process run's does; zeros in its rows until summed
+        shape = (len(embeds), *common.latent_size(policy.pipe))
+        for _ in range(policy.num_steps + (latents is None)):
+            torch.randn(shape, generator=generator, device=generator.device)
+        policy.pipe.scheduler.set_timesteps(policy.num_steps, device=embeds.device)
+        resolution = policy.pipe.resolution
+        return common.Trajectories(
+            torch.zeros((len(embeds), 3, resolution, resolution), device=embeds.device),
+            torch.zeros((shape[0], policy.num_steps + 1, *shape[1:]), device=embeds.device),
+            torch.zeros((len(embeds), policy.num_steps), device=embeds.device),
+            policy.pipe.scheduler.timesteps, embeds)
+
+    batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, *more, sample=sample_mine,
+                                                **kwargs)
+    for tensor in (samples.images, samples.latents, samples.log_probs):
+        dist.all_reduce(tensor)  # each row is one process's, zeros in the others': the sum is every process's
+    return batch_prompts, samples
 
 
-def sum_rows(out, rows):
-    """Every process's rows of `out` (each filled its own, zeros elsewhere) summed, NaN in the rows not in `rows`."""
-    if world() > 1:
-        dist.all_reduce(out)
+def reference_log_probs(policy, samples, batch_size, rows=None):
+    """common.reference_log_probs, each process computing its share of the batches of rows; every process returns
+    them all (NaN in the rows not asked for, as there)."""
+    if world() == 1:
+        return common.reference_log_probs(policy, samples, batch_size, rows)
+    rows = torch.arange(len(samples.log_probs)) if rows is None else torch.as_tensor(rows).flatten().cpu()
+    mine_rows = share(rows.split(batch_size))
+    mine_rows = torch.cat(mine_rows) if mine_rows else rows[:0]  # fewer batches than processes: maybe none
+    out = common.reference_log_probs(policy, samples, batch_size, mine_rows)
+    others = torch.ones(len(out), dtype=torch.bool)
+    others[mine_rows] = False
+    out[others.to(out.device)] = 0.0
+    dist.all_reduce(out)  # each process's rows, zeros in the others'
     missing = torch.ones(len(out), dtype=torch.bool)
     missing[rows] = False
     return out.masked_fill_(missing.to(out.device)[:, None], float("nan"))
+
+
+def optimizer_step(optimizer, scaler, params, max_grad_norm):
+    """common.optimizer_step on the gradients summed over the processes, and a check after it that the processes'
+    weights are still alike. Returns the pre-clip norm of the summed gradient."""
+    sum_gradients(params)
+    norm = common.optimizer_step(optimizer, scaler, params, max_grad_norm)
+    check_in_step(params)
+    return norm
 
 
 def gather_objects(value):

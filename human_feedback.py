@@ -211,7 +211,7 @@ def load_round(policy, args):
     if sampled_with != now:
         print(f"the round was sampled with {sampled_with} (device, autocast dtype) and this run computes with {now}: "
               f"computing the reference log-probs again", flush=True)
-        ref_log_probs = common.reference_log_probs(policy, samples, args.sample_batch_size)
+        ref_log_probs = distributed.reference_log_probs(policy, samples, args.sample_batch_size)
     n = args.images_per_prompt
     i, j = torch.triu_indices(n, n, offset=1)
     offsets = n * torch.arange(len(prompts))[:, None]                                  # prompt p's images: p n ...

@@ -150,14 +150,14 @@ def main(argv=None):
         # ---- 1. ALGO LOGIC: sample images with the current policy (this epoch's pi_old) and score them ----
         policy.pipe.unet.eval()
         with bookkeeping.Timer() as sample_timer:
-            batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, args.images_per_prompt,
-                                                         shared_noise=args.shared_noise)
+            batch_prompts, samples = distributed.sample_epoch(policy, args, prompts, generator, args.images_per_prompt,
+                                                              shared_noise=args.shared_noise)
             rewards = compute_rewards(reward_fn, samples.images, batch_prompts, epoch)  # (n,)
             # ---- 2. ALGO LOGIC: what to learn from the rewards: each prompt's pairs of images that differ ----
             pairs = prompt_pairs(rewards, args.images_per_prompt)           # (m, 2); a prompt whose images tie has none
             trained = pairs.unique().view(-1, args.images_per_prompt)           # the images of each prompt with pairs
             # log pi_ref does not depend on theta: once per trained image, never in the training loop
-            ref_log_probs = common.reference_log_probs(policy, samples, args.sample_batch_size, trained)
+            ref_log_probs = distributed.reference_log_probs(policy, samples, args.sample_batch_size, trained)
             # K gradient steps, each on up to gradient_accumulation_steps training batches of whole prompts
             step_size = min(args.train_batch_size * args.gradient_accumulation_steps, trained.numel())
             order = torch.cat([trained[torch.randperm(len(trained), generator=generator)].flatten()
@@ -169,13 +169,11 @@ def main(argv=None):
         with bookkeeping.Timer() as train_timer:
             loss_batch = max(args.train_batch_size, args.images_per_prompt)  # whole prompts' pairs, PRDP Eq. 10-14
             for k, step_batches in enumerate(common.minibatches(order, loss_batch, step_size)):
-                for b, idx in enumerate(step_batches):
-                    if not distributed.mine(b):  # torchrun: another process's batch (distributed.py)
-                        continue
+                for idx in distributed.share(step_batches):  # torchrun: this process's batches (one process: all)
                     loss, step_info = rdp_backward(policy, samples, idx, ref_log_probs[idx], rewards[idx], args,
                                                    lambda loss: scaler.scale(loss / len(step_batches)), k == 0)
                     bookkeeping.log_info(info, loss=loss, **step_info)
-                norm = common.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
+                norm = distributed.optimizer_step(optimizer, scaler, params, args.max_grad_norm)  # before clipping
                 bookkeeping.log_info(info, grad_norm=norm)
 
         # ---- 4. log, show, save ----

@@ -27,7 +27,7 @@ SHARED_FLAGS = ["model", "prompt_file", "reward", "output_dir", "num_epochs", "s
 # the plumbing every main() calls, in this order
 SKELETON_CALLS = ["parse_args", "check_args", "load_prompts", "get_reward_fn", "load_policy", "say_long_prompts",
                   "make_optimizer", "make_scaler", "load_checkpoint", "start_output", "epoch_generator", "sample_epoch",
-                  "compute_rewards", "minibatches", "optimizer_step", "epoch_metrics", "end_epoch", "finish"]
+                  "compute_rewards", "minibatches", "share", "optimizer_step", "epoch_metrics", "end_epoch", "finish"]
 SECTIONS = ["# ---- 1. ALGO LOGIC: sample", "# ---- 2. ALGO LOGIC", "# ---- 3. ALGO LOGIC",
             "# ---- 4. log, show, save ----"]
 DRIFT_BUDGET = 160  # changed lines (< and >) of `diff ddpo.py <script>`
@@ -69,7 +69,7 @@ def test_main_has_the_sections_and_plumbing_calls_in_order(name):
     calls = [node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
              for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Call)
              and (isinstance(node.func, ast.Name) or isinstance(node.func.value, ast.Name)
-                  and node.func.value.id in ("common", "bookkeeping"))]
+                  and node.func.value.id in ("common", "bookkeeping", "distributed"))]
     # ast.walk is breadth-first, so order the calls by their first position in the source text
     order = sorted({c for c in calls if c in SKELETON_CALLS}, key=lambda c: re.search(rf"\b{c}\(", src).start())
     assert order == SKELETON_CALLS
@@ -134,7 +134,7 @@ def test_the_budget_check_sees_a_stray_change(tmp_path):
     source = open(os.path.join(ROOT, "ddpo.py")).read()
     stray = tmp_path / "stray.py"
     for call, allowed in (("bookkeeping.start_output(", False), ("bookkeeping.end_epoch(", False),
-                          ("common.optimizer_step(", True)):
+                          ("distributed.optimizer_step(", True)):
         assert call in source
         stray.write_text(source.replace(call, call[:-1] + "_changed("))
         number = next(i for i, line in enumerate(stray.read_text().splitlines(), 1) if "_changed(" in line)
@@ -188,8 +188,8 @@ def project_imports(path):
 
 
 def test_imports_run_one_way_from_the_scripts_to_the_helpers():
-    assert project_imports(os.path.join(ROOT, "distributed.py")) == set()  # torchrun's plumbing, below everything
-    assert project_imports(os.path.join(ROOT, "common.py")) == {"distributed"}
+    assert project_imports(os.path.join(ROOT, "common.py")) == set()  # the policy, below everything
+    assert project_imports(os.path.join(ROOT, "distributed.py")) == {"common"}  # torchrun wraps it from outside
     for helper in HELPERS[1:]:
         imported = project_imports(os.path.join(ROOT, f"{helper}.py"))
         assert not imported & {"ddpo", "d3po", "prdp"}, helper
@@ -197,6 +197,16 @@ def test_imports_run_one_way_from_the_scripts_to_the_helpers():
     assert project_imports(os.path.join(ROOT, "label.py")) == {"bookkeeping", "common", "human_feedback", "rewards"}
     assert project_imports(os.path.join(ROOT, "evaluate.py")) == {"bookkeeping", "common", "rewards"}
     assert "bookkeeping" not in project_imports(os.path.join(ROOT, "rewards.py"))
+
+
+def test_the_policy_is_single_process():
+    """common.py samples and trains as if alone (distributed.py shares its work out), and the scripts' training
+    loops carry no per-batch process test."""
+    source = open(os.path.join(ROOT, "common.py")).read()
+    assert not re.search(r"torch\.distributed|\bdist\.|WORLD_SIZE|LOCAL_RANK|\brank\(|\bworld\(", source)
+    for name in MODULES:
+        main = inspect.getsource(MODULES[name].main)
+        assert not re.search(r"\bmine\(|\brank\(|\bworld\(|is_main\(", main), name
 
 
 def test_common_is_small_and_the_shapes_world_lives_in_tutorials():
