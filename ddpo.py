@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
-import distributed
-from bookkeeping import arg
-from rewards import compute_rewards, get_reward_fn
+from plumbing import distributed
+from plumbing.bookkeeping import arg
+from plumbing.rewards import compute_rewards, get_reward_fn
 
 
 @dataclass

@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import ROOT, fine_tune, load_trained, measure  # noqa: E402
 
-import bookkeeping  # noqa: E402
-from evaluate import diversity, mean_se  # noqa: E402
+from plumbing import bookkeeping  # noqa: E402
+from plumbing.evaluate import diversity, mean_se  # noqa: E402
 
 PROMPTS = os.path.join(ROOT, "tutorials", "shapes.txt")
 HALF = "tutorials/shapes_half.txt"  # 12 of the 24 prompts, every colour, shape and size among them (generalisation)

@@ -30,9 +30,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import EVAL_IMAGES_PER_PROMPT, ROOT, fine_tune, measure  # noqa: E402
 
-import bookkeeping  # noqa: E402
+from plumbing import bookkeeping  # noqa: E402
 import common  # noqa: E402
-from evaluate import mean_se  # noqa: E402
+from plumbing.evaluate import mean_se  # noqa: E402
 
 # label: (script, flags): the three presets, then PRDP's at larger betas (its preset's is 0.1: prdp.PRESETS)
 SETTINGS = {"ddpo": ("ddpo", []), "d3po": ("d3po", []), "prdp": ("prdp", []),

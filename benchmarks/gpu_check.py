@@ -37,7 +37,7 @@ def drift(model, device, precision, steps, resolution):
     sys.path.insert(0, ROOT)
     import torch
 
-    import bookkeeping
+    from plumbing import bookkeeping
     import common
     import ddpo
     args = bookkeeping.parse_args(ddpo.Args, ["--model", model, "--device", device, "--mixed-precision", precision,

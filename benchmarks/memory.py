@@ -86,7 +86,7 @@ def child_ours(job):
     sys.path.insert(0, ROOT)
     import importlib
 
-    import bookkeeping
+    from plumbing import bookkeeping
     import common
     module = importlib.import_module(job["script"])
     reference, writing = [0.0], [0.0]
@@ -134,7 +134,7 @@ def child_trl(job):
     PartialState()  # TRL's pipeline logs through accelerate, which wants its state first
     if job.get("returned"):  # glibc told to give freed memory back, as this project's scripts do
         sys.path.insert(0, ROOT)
-        import distributed
+        from plumbing import distributed
         distributed.return_freed_memory()
 
     def compressibility(images, prompts, metadata):

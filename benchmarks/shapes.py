@@ -32,10 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import bookkeeping  # noqa: E402
+from plumbing import bookkeeping  # noqa: E402
 import common  # noqa: E402
-from evaluate import EVAL_SEED, held_apart_samples  # noqa: E402,F401 (EVAL_SEED: the tests and notebooks read it here)
-from rewards import compute_rewards, get_reward_fn  # noqa: E402
+from plumbing.evaluate import EVAL_SEED, held_apart_samples  # noqa: E402,F401 (EVAL_SEED: the tests and notebooks read it here)
+from plumbing.rewards import compute_rewards, get_reward_fn  # noqa: E402
 from tutorials.shapes_world import shape_area, shape_scores  # noqa: E402
 
 EVAL_IMAGES_PER_PROMPT = 16

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import bookkeeping  # noqa: E402
+from plumbing import bookkeeping  # noqa: E402
 import common  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import bookkeeping
+from plumbing import bookkeeping
 import d3po
 import ddpo
 import prdp
@@ -226,7 +226,7 @@ def test_a_directory_in_use_is_refused_until_its_process_ends_even_by_kill_9(tin
             "--resolution", "32", "--num-steps", "2", "--device", "cpu", "--sample-batch-size", "4",
             "--sample-batches-per-epoch", "1", "--train-batch-size", "4", "--gradient-accumulation-steps", "1"]
     holder = subprocess.Popen(  # a run that has passed its checks (and so holds the directory), then waits
-        [sys.executable, "-c", "import sys, time, bookkeeping, ddpo\n"
+        [sys.executable, "-c", "import sys, time, ddpo\nfrom plumbing import bookkeeping\n"
          "ddpo.check_args(bookkeeping.parse_args(ddpo.Args, sys.argv[1:]))\nprint('held', flush=True)\ntime.sleep(300)",
          *argv], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

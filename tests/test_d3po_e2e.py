@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 import d3po
-import human_feedback
+from plumbing import human_feedback
 
 
 def tiny_args(tiny_dir, prompt_file, output_dir, epochs=2, *extra):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 import ddpo
 

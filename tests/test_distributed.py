@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bookkeeping
+from plumbing import bookkeeping
 import d3po
 import ddpo
-import distributed
+from plumbing import distributed
 import prdp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

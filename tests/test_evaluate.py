@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 import ddpo
-import evaluate
+from plumbing import evaluate
 import shapes
 from common import UserError
 from conftest import ROOT
@@ -97,10 +97,10 @@ def test_kl_is_the_log_ratio_under_a_separately_loaded_base_model(lora_run, tiny
 def test_the_command_prints_a_panel_and_writes_json_and_a_grid(lora_run, tmp_path):
     reward_models = __import__("tiny_pipeline").make_tiny_reward_models(str(tmp_path / "rewards"))
     output = tmp_path / "eval.json"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), lora_run, "--rewards", "aesthetic",
+    done = subprocess.run([sys.executable, "-m", "plumbing.evaluate", lora_run, "--rewards", "aesthetic",
                            "clip_score", "jpeg_compressibility", "--images-per-prompt", "2", "--output", str(output),
                            "--device", "cpu"], capture_output=True, text=True, env={**os.environ, **reward_models},
-                          cwd=tmp_path)
+                          cwd=ROOT)  # the command as the README gives it, from the repository's folder
     assert done.returncode == 0, done.stderr
     saved = json.loads(output.read_text())
     assert set(saved["metrics"]) == {"aesthetic", "clip_score", "jpeg_compressibility", "diversity"}

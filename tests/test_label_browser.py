@@ -14,9 +14,9 @@ import threading
 import pytest
 from safetensors.torch import load_file
 
-import bookkeeping
+from plumbing import bookkeeping
 import d3po
-import label
+from plumbing import label
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,17 +56,17 @@ def test_a_person_labels_a_toy_round_in_chromium_and_d3po_trains_on_it(browser, 
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     sample, serve, train, sample_next = readme_round()
-    assert [c[:2] for c in (sample, serve, train, sample_next)] == [["python", "d3po.py"], ["python", "label.py"],
-                                                                    ["python", "d3po.py"], ["python", "d3po.py"]]
+    assert [c[:2] for c in (sample, train, sample_next)] == [["python", "d3po.py"]] * 3
+    assert serve[:3] == ["python", "-m", "plumbing.label"]
     monkeypatch.chdir(tmp_path)  # the README's rounds/ directories, here
     d3po.main(sample[2:])
-    round1 = tmp_path / serve[2]
+    round1 = tmp_path / serve[3]
     with open(round1 / "prompts.txt", encoding="utf-8") as f:
         prompts = f.read().splitlines()
     assert len(prompts) == 6 and json.load(open(round1 / "config.json"))["images_per_prompt"] == 3
 
     ready, holder = threading.Event(), {}
-    server = threading.Thread(target=label.serve, args=(serve[2], 0), daemon=True,
+    server = threading.Thread(target=label.serve, args=(serve[3], 0), daemon=True,
                               kwargs={"ready": lambda s: (holder.setdefault("server", s), ready.set())})
     server.start()
     assert ready.wait(30)

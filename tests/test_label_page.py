@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import bookkeeping
-import human_feedback
-import label
+from plumbing import bookkeeping
+from plumbing import human_feedback
+from plumbing import label
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 K = 3
@@ -89,7 +89,7 @@ def test_it_serves_its_page_the_images_and_the_round(served):
     round_dir, server = served
     for path in ("/", "/label.js", "/label.css"):
         status, body = request(server, "GET", path)
-        assert status == 200 and body == open(os.path.join(ROOT, "label_page", label.ASSETS[path][0]), "rb").read()
+        assert status == 200 and body == open(os.path.join(ROOT, "plumbing", "label_page", label.ASSETS[path][0]), "rb").read()
     status, body = request(server, "GET", "/api/round")
     assert status == 200 and json.loads(body)["prompts"] == PROMPTS and json.loads(body)["images_per_prompt"] == K
     status, body = request(server, "GET", "/image/2/1.png")
@@ -100,7 +100,7 @@ def test_it_serves_its_page_the_images_and_the_round(served):
 @pytest.mark.parametrize("path", [
     "/../secret.txt", "/../round/notes.txt", "/notes.txt", "/config.json", "/labels_template.json",
     "/image/../../secret.txt", "/image/0/../../notes.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt",
-    "/label.js/../../secret.txt", "/label_page/../label.py", "/label.py", "//etc/passwd", "/etc/passwd",
+    "/label.js/../../secret.txt", "/label_page/../label.py", "/../label.py", "/label.py", "//etc/passwd", "/etc/passwd",
     "http://127.0.0.1/etc/passwd", "/api/labels/..%2f..%2fsecret", "/api/labels/../../secret.txt",
     "/api/labels/%2fetc%2fpasswd", "/api/labels/.hidden"])
 def test_paths_outside_what_it_serves_are_refused(served, path):
@@ -231,7 +231,7 @@ def test_a_write_interrupted_midway_leaves_the_previous_file_whole(tmp_path, mon
 
 
 def run_label(capsys, *args):
-    """label.py's command line as `python label.py ...` runs it (bookkeeping.run_main): (exit status, stderr)."""
+    """label.py's command line as `python -m plumbing.label ...` runs it (bookkeeping.run_main): (exit status, stderr)."""
     with pytest.raises(SystemExit) as stopped:
         bookkeeping.run_main(lambda: label.main(list(args)))
     return stopped.value.code, capsys.readouterr().err

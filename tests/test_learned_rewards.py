@@ -8,11 +8,11 @@ import argparse
 import pytest
 import torch
 
-import bookkeeping
+from plumbing import bookkeeping
 import d3po
 import ddpo
 import prdp
-import rewards
+from plumbing import rewards
 from tiny_pipeline import make_tiny_reward_models
 
 

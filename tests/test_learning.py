@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 import compare
 import d3po

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-import bookkeeping
+from plumbing import bookkeeping
 
 
 @pytest.mark.parametrize("script", ["ddpo", "prdp"])

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 import prdp
-from rewards import compute_rewards
+from plumbing.rewards import compute_rewards
 
 
 def tiny_args(tiny_dir, prompt_file, output_dir, epochs=2, *extra):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import bookkeeping
+from plumbing import bookkeeping
 import shapes
 from conftest import ROOT
 

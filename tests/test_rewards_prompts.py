@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-import bookkeeping
-import rewards
+from plumbing import bookkeeping
+from plumbing import rewards
 from common import UserError
 from conftest import ROOT
 

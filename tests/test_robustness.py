@@ -13,14 +13,14 @@ import threading
 import pytest
 import torch
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 import d3po
 import ddpo
-import human_feedback
+from plumbing import human_feedback
 from common import UserError
 from conftest import ROOT
-from rewards import compute_rewards
+from plumbing.rewards import compute_rewards
 
 
 def test_a_full_disk_while_writing_is_one_sentence_and_keeps_the_old_file(tmp_path):
@@ -198,8 +198,8 @@ def test_d3pos_clamp_gives_the_reference_values_and_finite_gradients_where_exp_o
 
 def test_a_mixs_part_means_cover_every_processs_images_under_torchrun(monkeypatch):
     """Two processes score 3 and 1 of an epoch's 4 images: the logged part means are over all 4, not process 0's."""
-    import distributed
-    import rewards
+    from plumbing import distributed
+    from plumbing import rewards
     name = "0.5*jpeg_compressibility+0.5*jpeg_incompressibility"
     mixed = rewards.get_reward_fn(name)
     images = torch.rand(4, 3, 16, 16)
@@ -217,7 +217,7 @@ def test_a_mixs_part_means_cover_every_processs_images_under_torchrun(monkeypatc
 
 def test_torchrun_with_fewer_batches_a_step_than_processes_says_some_processes_wait(tiny_dir, prompt_file, tmp_path,
                                                                                     monkeypatch, capsys):
-    import distributed
+    from plumbing import distributed
     monkeypatch.setattr(distributed, "world", lambda: 2)
     argv = ["--model", tiny_dir, "--prompt-file", prompt_file, "--sample-batch-size", "2", "--train-batch-size", "2",
             "--sample-batches-per-epoch", "2", "--device", "cpu"]

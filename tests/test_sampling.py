@@ -115,7 +115,7 @@ def test_reference_model_switches_lora_off(tiny_dir):
 
 
 def test_cross_attention_lora_adapts_only_the_layers_that_read_the_prompt_and_loads_in_diffusers(tiny_dir, tmp_path):
-    import bookkeeping
+    from plumbing import bookkeeping
     from diffusers import StableDiffusionPipeline
     whole, every, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=4)
     adapted = [n for n, p in whole.unet.named_parameters() if p.requires_grad]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 import d3po
 import ddpo
@@ -53,7 +53,7 @@ def each_scripts_loss_backward(name, policy, samples, ref_log_probs, rewards):
 
 def test_the_malloc_setting_is_made_for_cpu_runs_only(monkeypatch):
     """glibc's threshold is process-wide and cannot be undone: a CUDA run's host memory is left as it is."""
-    import distributed
+    from plumbing import distributed
     calls = []
     monkeypatch.setattr(distributed, "return_freed_memory", lambda: calls.append(True))
     distributed.setup("cuda", save_memory=True)
@@ -132,7 +132,7 @@ def test_tensorboard_logs_each_epochs_metrics_and_is_refused_without_its_package
 
 RSS_PROBE = """
 import sys, torch
-import distributed
+from plumbing import distributed
 distributed.setup("cpu", save_memory=sys.argv[1] == "return")  # as parse_args does, --gradient-checkpointing
 def resident(): return int(open("/proc/self/statm").read().split()[1]) * 4096
 torch.ones(1)
@@ -153,7 +153,9 @@ def test_freed_tensors_go_back_to_the_system_on_the_cpu():
         out = subprocess.run([sys.executable, "-c", RSS_PROBE, mode], capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return float(out.stdout.split()[-1])
-    assert kept("keep") >= 64  # the behaviour that the fix is for, so that the test below can fail
+    # the behaviour that the fix is for, so that the test below can fail; where glibc's heap lands (address space
+    # layout randomisation) decides whether a process keeps the blocks, so the default is tried up to five times
+    assert any(kept("keep") >= 64 for _ in range(5))
     assert kept("return") < 16
 
 

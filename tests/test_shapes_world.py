@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
-import rewards
+from plumbing import rewards
 from conftest import ROOT
 from tutorials import shapes_world
 

@@ -12,7 +12,7 @@ import shlex
 
 import pytest
 
-import bookkeeping
+from plumbing import bookkeeping
 import d3po
 import ddpo
 import prdp
@@ -176,27 +176,32 @@ def test_the_docs_give_the_alignment_settings_as_one_command_line(script):
 
 
 HELPERS = ["common", "rewards", "bookkeeping", "human_feedback", "distributed"]
+PLUMBING = os.path.join(ROOT, "plumbing")
 
 
 def project_imports(path):
+    """The project modules a file imports, by their short names (plumbing.rewards -> rewards)."""
     tree = ast.parse(open(path).read())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {alias.name for alias in node.names} if node.module == "plumbing" else {node.module}
     names |= {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
               and re.fullmatch(r"[\w.]+:\w+", node.value) and node.value.split(":")[0].startswith("tutorials")}
-    return {n.split(":")[0] for n in names if n.split(".")[0] in {"ddpo", "d3po", "prdp", "tutorials", *HELPERS}}
+    names = {n.split(":")[0].removeprefix("plumbing.") for n in names}
+    return {n for n in names if n.split(".")[0] in {"ddpo", "d3po", "prdp", "tutorials", *HELPERS}}
 
 
 def test_imports_run_one_way_from_the_scripts_to_the_helpers():
     assert project_imports(os.path.join(ROOT, "common.py")) == set()  # the policy, below everything
-    assert project_imports(os.path.join(ROOT, "distributed.py")) == {"common"}  # torchrun wraps it from outside
+    assert project_imports(os.path.join(PLUMBING, "distributed.py")) == {"common"}  # torchrun wraps it from outside
     for helper in HELPERS[1:]:
-        imported = project_imports(os.path.join(ROOT, f"{helper}.py"))
+        imported = project_imports(os.path.join(PLUMBING, f"{helper}.py"))
         assert not imported & {"ddpo", "d3po", "prdp"}, helper
     assert project_imports(os.path.join(ROOT, "tutorials", "shapes_world.py")) == {"common"}
-    assert project_imports(os.path.join(ROOT, "label.py")) == {"bookkeeping", "common", "human_feedback", "rewards"}
-    assert project_imports(os.path.join(ROOT, "evaluate.py")) == {"bookkeeping", "common", "rewards"}
-    assert "bookkeeping" not in project_imports(os.path.join(ROOT, "rewards.py"))
+    assert project_imports(os.path.join(PLUMBING, "label.py")) == {"bookkeeping", "common", "human_feedback", "rewards"}
+    assert project_imports(os.path.join(PLUMBING, "evaluate.py")) == {"bookkeeping", "common", "rewards"}
+    assert "bookkeeping" not in project_imports(os.path.join(PLUMBING, "rewards.py"))
 
 
 def test_the_policy_is_single_process():
@@ -211,7 +216,8 @@ def test_the_policy_is_single_process():
 
 def test_common_is_small_and_the_shapes_world_lives_in_tutorials():
     assert len(open(os.path.join(ROOT, "common.py")).read().splitlines()) <= 350
-    for path in ("common.py", "rewards.py", "bookkeeping.py", "human_feedback.py", "ddpo.py", "d3po.py", "prdp.py",
+    for path in ("common.py", "plumbing/rewards.py", "plumbing/bookkeeping.py", "plumbing/human_feedback.py", "ddpo.py",
+                 "d3po.py", "prdp.py",
                  os.path.join("benchmarks", "shapes.py"), os.path.join("tutorials", "make_toy_model.py")):
         source = open(os.path.join(ROOT, path)).read()
         for definition in ("COLOURS =", "SHAPES =", "SIZES =", "def detect_shapes", "def render"):

@@ -52,7 +52,7 @@ def make_tiny_reward_models(path, seed=0):
     copy}."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from rewards import AestheticHead
+    from plumbing.rewards import AestheticHead
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(os.path.join(path, "tokenizer"), WORDS)
     config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,

@@ -3,7 +3,7 @@ its objective, the shape area on noise held apart from training, by more than tw
 rise. About a minute on two CPU cores."""
 import pytest
 
-import bookkeeping
+from plumbing import bookkeeping
 import d3po
 from shapes import load_trained, measure, paired_se   # benchmarks/shapes.py
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import distributed
+from plumbing import distributed
 from common import UserError
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
-import distributed
+from plumbing import distributed
 from common import UserError
 
 LABEL_HELP = ("a JSON list with one entry per prompt, in the order of the template: {\"prompt\": ..., "
@@ -56,7 +56,7 @@ def sample_round(policy, args, prompts):
     bookkeeping.atomic_write(os.path.join(args.output_dir, "prompts.txt"),
                              lambda p: open(p, "w", encoding="utf-8").write("".join(f"{q}\n" for q in prompts)))
     print(f"sampled {len(prompts)} prompts x {n} images into {args.output_dir}: label them on a page in the "
-          f"browser, python label.py {args.output_dir} (or copy labels_template.json to labels/<your name>.json "
+          f"browser, python -m plumbing.label {args.output_dir} (or copy labels_template.json to labels/<your name>.json "
           f"and fill in the scores, higher is better)", flush=True)
     bookkeeping.release_output_dir(args)
 
@@ -107,7 +107,7 @@ def check_entry(entry, prompt, images_per_prompt, where, unlabelled_ok=False):
         if unlabelled_ok:
             return
         raise UserError(f"{where} is not labelled yet (its scores are null): finish it, on the labelling page "
-                        f"(python label.py ROUND) or by hand.")
+                        f"(python -m plumbing.label ROUND) or by hand.")
     for k, s in enumerate(scores):
         if not is_number(s):
             shown = repr(s) if len(repr(s)) < 40 else repr(s)[:20] + f"... ({len(repr(s))} characters)"

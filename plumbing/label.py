@@ -1,7 +1,7 @@
 """A labelling page for a round of D3PO's human feedback (docs/human_feedback.md).
 
     python d3po.py --sample-only --model toy --output-dir rounds/1   # a round: each prompt's images, one x_T
-    python label.py rounds/1                                         # then open the address it prints
+    python -m plumbing.label rounds/1                                         # then open the address it prints
     python d3po.py --labels rounds/1 --output-dir rounds/1-trained   # train on what people said
 
 The page shows each prompt's images (small ones scaled up by whole pixels, unblurred) and asks for the best and
@@ -25,10 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image
 from safetensors.torch import load_file
 
-import bookkeeping
-import human_feedback
+from plumbing import bookkeeping
+from plumbing import human_feedback
 from common import UserError
-from rewards import to_uint8
+from plumbing.rewards import to_uint8
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "label_page")
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"), "/label.js": ("label.js", "text/javascript"),

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import distributed
+from plumbing import distributed
 from common import UserError
-from rewards import MIXES, to_uint8
+from plumbing.rewards import MIXES, to_uint8
 
-PROJECT = os.path.dirname(os.path.abspath(__file__))
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def run_main(main):

@@ -1,7 +1,7 @@
 """Score a fine-tuned run against the model it started from: a panel of rewards, diversity and KL, before and after.
 
-    python evaluate.py runs/ddpo-animals --rewards aesthetic clip_score hpsv2 --images-per-prompt 8
-    python evaluate.py runs/toy --rewards shape_area shapes_alignment    # a --model toy run: its own prompts
+    python -m plumbing.evaluate runs/ddpo-animals --rewards aesthetic clip_score hpsv2 --images-per-prompt 8
+    python -m plumbing.evaluate runs/toy --rewards shape_area shapes_alignment    # a --model toy run: its own prompts
 
 Both models draw every prompt of the prompt file (the run's own unless --prompt-file) --images-per-prompt times, from
 the same noise, held apart from training (EVAL_SEED: training draws from seed * 1_000_003 + epoch), as the run sampled
@@ -25,10 +25,10 @@ import types
 import numpy as np
 import torch
 
-import bookkeeping
+from plumbing import bookkeeping
 import common
 from common import UserError
-from rewards import compute_rewards, get_reward_fn
+from plumbing.rewards import compute_rewards, get_reward_fn
 
 EVAL_SEED = 987_654_321
 

@@ -1,0 +1,6 @@
+"""What ddpo.py, d3po.py and prdp.py stand on, and a reader of the algorithms may skip: flags, prompt files, metrics,
+grids and checkpoints (bookkeeping), the rewards (rewards), torchrun (distributed), D3PO's rounds of human feedback
+(human_feedback) and their labelling page (label, label_page/), and the comparison of a run with its base model
+(evaluate). The algorithms' own code is in the scripts and common.py. Two commands live here, run from the
+repository's folder: `python -m plumbing.label ROUND` and `python -m plumbing.evaluate RUN`.
+"""
