@@ -28,7 +28,6 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import ROOT, fine_tune, load_trained, measure  # noqa: E402
 
 from plumbing import bookkeeping  # noqa: E402

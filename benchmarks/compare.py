@@ -27,7 +27,6 @@ import sys
 import tempfile
 
 import numpy as np
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import EVAL_IMAGES_PER_PROMPT, ROOT, fine_tune, measure  # noqa: E402
 
 from plumbing import bookkeeping  # noqa: E402

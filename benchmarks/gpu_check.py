@@ -24,8 +24,7 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import memory  # noqa: E402
+import memory  # beside this file; it puts the project on the path
 
 ROOT = memory.ROOT
 CLIPS = {"DDPO clip range": 1e-4, "PRDP eps (Table 4)": 1e-6, "D3PO ratio clamp": 0.1}
@@ -34,7 +33,6 @@ IMAGES = {"ddpo": 1, "d3po": 2, "prdp": 2}  # an epoch of memory.FLAGS
 
 def drift(model, device, precision, steps, resolution):
     """Max |log pi_theta - log pi_old| per element, of every stored step, recomputed in batches of 2 before any update."""
-    sys.path.insert(0, ROOT)
     import torch
 
     from plumbing import bookkeeping
@@ -116,8 +114,7 @@ def main():
         return child(json.loads(opts.child))
     import torch
     if opts.reduced:
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from tiny_pipeline import make_tiny_pipeline
+        from tiny_pipeline import make_tiny_pipeline  # beside this file
         model, device, resolution = make_tiny_pipeline(f"/tmp/gpu-check-tiny-{os.getpid()}"), "cpu", 32
         precisions, runs = ["no", "bf16"], [("ddpo", False), ("ddpo", True), ("d3po", False), ("prdp", False)]
     else:

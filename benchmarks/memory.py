@@ -29,6 +29,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project, for a benchmark run as python benchmarks/memory.py
 GIB = 2 ** 30
 STEPS = {"cpu": {"ddpo": 4, "d3po": 4, "prdp": 4}, "cuda": {"ddpo": 50, "d3po": 20, "prdp": 50}}
 FLAGS = {"ddpo": ["--sample-batch-size", "1", "--sample-batches-per-epoch", "1", "--train-batch-size", "1",
@@ -44,8 +45,7 @@ def make_sd15(path):
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    sys.path.insert(0, os.path.join(ROOT, "tutorials"))
-    from make_toy_model import write_tokenizer
+    from toy_model.make import write_tokenizer
     torch.manual_seed(0)
     tokenizer = write_tokenizer(os.path.join(path + ".tokenizer"), ["a", "photo", "of", "cat", "dog", "horse"], 77)
     text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower, as SD v1.5's
@@ -83,7 +83,6 @@ def peaks(device):
 
 def child_ours(job):
     """One epoch of one of the project's scripts, in this process; its phases timed from its own metrics."""
-    sys.path.insert(0, ROOT)
     import importlib
 
     from plumbing import bookkeeping
@@ -133,7 +132,6 @@ def child_trl(job):
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     PartialState()  # TRL's pipeline logs through accelerate, which wants its state first
     if job.get("returned"):  # glibc told to give freed memory back, as this project's scripts do
-        sys.path.insert(0, ROOT)
         from plumbing import distributed
         distributed.return_freed_memory()
 
@@ -193,7 +191,7 @@ def main():
                         "to the system, as this project's scripts do (distributed.return_freed_memory): like for like")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp",
                                                        "sd15-random"), help="where the random SD v1.5 is saved")
-    parser.add_argument("--model", help="another pipeline instead (tiny: tests/tiny_pipeline.py's, 32 px)")
+    parser.add_argument("--model", help="another pipeline instead (tiny: benchmarks/tiny_pipeline.py's, 32 px)")
     parser.add_argument("--resolution", type=int, help="pixels (default: 512; 32 with --model tiny)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on the CPU, the papers' on a GPU)")
     parser.add_argument("--samples", type=int, help="DDPO only: this many samples an epoch in batches of 8, "
@@ -209,8 +207,7 @@ def main():
         return
     model = opts.model or opts.cache
     if opts.model == "tiny":
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from tiny_pipeline import make_tiny_pipeline
+        from tiny_pipeline import make_tiny_pipeline  # beside this file
         model = make_tiny_pipeline(os.path.join("/tmp", f"memory-tiny-{os.getpid()}"))
     elif not os.path.isfile(os.path.join(model, "model_index.json")):
         make_sd15(opts.cache)

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from plumbing import distributed
 from common import UserError
+from plumbing import distributed
+from toy_model import world as shapes_world
 
 
 def to_uint8(images):
@@ -281,13 +282,11 @@ def check_reachable(key):
     loading(key, fetch)
 
 
-# name -> a function, or the module:function of one imported when first asked for (the shapes world's rewards
-# live with the world, in tutorials/shapes_world.py)
+# name -> a function (the shapes world's rewards live with the world, in toy_model/world.py)
 REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
            "aesthetic": aesthetic, "clip_score": clip_score, "pickscore": pickscore, "hpsv2": hpsv2,
-           "shapes_alignment": "tutorials.shapes_world:shapes_alignment",
-           "shapes_correct": "tutorials.shapes_world:shapes_correct",
-           "shape_area": "tutorials.shapes_world:shape_area"}
+           "shapes_alignment": shapes_world.shapes_alignment, "shapes_correct": shapes_world.shapes_correct,
+           "shape_area": shapes_world.shape_area}
 
 MIX_TERM = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*\*\s*([\w.:]+)\s*$")
 

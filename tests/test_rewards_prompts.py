@@ -41,10 +41,10 @@ def test_user_reward_as_module_function(tmp_path, monkeypatch):
 
 
 def test_the_shapes_worlds_rewards_are_reached_by_name():
-    from tutorials import shapes_world
+    from toy_model import world as shapes_world
     for name in ("shapes_alignment", "shapes_correct", "shape_area"):
         assert rewards.get_reward_fn(name) is getattr(shapes_world, name)
-    assert rewards.get_reward_fn("tutorials.shapes_world:shape_area") is shapes_world.shape_area
+    assert rewards.get_reward_fn("toy_model.world:shape_area") is shapes_world.shape_area
 
 
 def test_unknown_reward_lists_the_known_ones():

@@ -10,10 +10,9 @@ from plumbing import bookkeeping
 import common
 from plumbing import rewards
 from conftest import ROOT
-from tutorials import shapes_world
+from toy_model import world as shapes_world
 
-sys.path.insert(0, os.path.join(ROOT, "tutorials"))
-import make_toy_model  # noqa: E402
+from toy_model import make as make_toy_model
 
 
 def rendered(n, seed=0):

@@ -8,6 +8,7 @@ import difflib
 import inspect
 import os
 import re
+import subprocess
 import shlex
 
 import pytest
@@ -185,11 +186,15 @@ def project_imports(path):
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
-            names |= {alias.name for alias in node.names} if node.module == "plumbing" else {node.module}
+            if node.module in ("plumbing", "toy_model"):  # from plumbing import rewards: plumbing.rewards
+                names |= {f"{node.module}.{alias.name}" for alias in node.names}
+            else:
+                names.add(node.module)
     names |= {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
-              and re.fullmatch(r"[\w.]+:\w+", node.value) and node.value.split(":")[0].startswith("tutorials")}
+              and re.fullmatch(r"[\w.]+:\w+", node.value) and node.value.split(":")[0].startswith("toy_model")}
     names = {n.split(":")[0].removeprefix("plumbing.") for n in names}
-    return {n for n in names if n.split(".")[0] in {"ddpo", "d3po", "prdp", "tutorials", *HELPERS}}
+    return {n for n in names if n.split(".")[0] in {"ddpo", "d3po", "prdp", "tutorials", "toy_model", "benchmarks",
+                                                    "tests", "shapes", "tiny_pipeline", "evaluate", "label", *HELPERS}}
 
 
 def test_imports_run_one_way_from_the_scripts_to_the_helpers():
@@ -198,10 +203,29 @@ def test_imports_run_one_way_from_the_scripts_to_the_helpers():
     for helper in HELPERS[1:]:
         imported = project_imports(os.path.join(PLUMBING, f"{helper}.py"))
         assert not imported & {"ddpo", "d3po", "prdp"}, helper
-    assert project_imports(os.path.join(ROOT, "tutorials", "shapes_world.py")) == {"common"}
+    assert project_imports(os.path.join(ROOT, "toy_model", "world.py")) == {"common"}
+    assert project_imports(os.path.join(PLUMBING, "rewards.py")) == {"common", "distributed", "toy_model.world"}
     assert project_imports(os.path.join(PLUMBING, "label.py")) == {"bookkeeping", "common", "human_feedback", "rewards"}
     assert project_imports(os.path.join(PLUMBING, "evaluate.py")) == {"bookkeeping", "common", "rewards"}
     assert "bookkeeping" not in project_imports(os.path.join(PLUMBING, "rewards.py"))
+
+
+def test_the_toy_world_is_one_room_reached_by_import():
+    """The toy model's world, detector, rewards and measurement are toy_model's modules: no file outside tests/
+    imports from tests/, and none of the project's modules edits sys.path to reach another (the benchmarks, run as
+    scripts, put the project itself on it)."""
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.ipynb"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert {"toy_model/world.py", "toy_model/make.py", "toy_model/measure.py", "toy_model/model_index.json"} <= set(
+        subprocess.run(["git", "ls-files", "toy_model"], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    for path in tracked:
+        text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+        if not path.startswith("tests/"):
+            assert not re.search(r"[\"']tests[\"'/]|from tests\b|import tests\b", text), path
+        if path.startswith(("toy_model/", "plumbing/", "common.py", "ddpo.py", "d3po.py", "prdp.py")):
+            assert "sys.path.insert" not in text and "sys.path[:0]" not in text, path
+    assert project_imports(os.path.join(ROOT, "toy_model", "measure.py")) == {"common", "bookkeeping", "evaluate",
+                                                                           "rewards", "toy_model.world"}
 
 
 def test_the_policy_is_single_process():
@@ -214,11 +238,12 @@ def test_the_policy_is_single_process():
         assert not re.search(r"\bmine\(|\brank\(|\bworld\(|is_main\(", main), name
 
 
-def test_common_is_small_and_the_shapes_world_lives_in_tutorials():
+def test_common_is_small_and_the_shapes_world_lives_in_its_room():
     assert len(open(os.path.join(ROOT, "common.py")).read().splitlines()) <= 350
     for path in ("common.py", "plumbing/rewards.py", "plumbing/bookkeeping.py", "plumbing/human_feedback.py", "ddpo.py",
                  "d3po.py", "prdp.py",
-                 os.path.join("benchmarks", "shapes.py"), os.path.join("tutorials", "make_toy_model.py")):
+                 os.path.join("benchmarks", "shapes.py"), os.path.join("toy_model", "make.py"),
+                 os.path.join("toy_model", "measure.py")):
         source = open(os.path.join(ROOT, path)).read()
         for definition in ("COLOURS =", "SHAPES =", "SIZES =", "def detect_shapes", "def render"):
             assert definition not in source, (path, definition)

@@ -15,7 +15,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+sys.path.insert(0, ROOT)
 GRADES = []  # one entry per graded check: its exercise, points, outcome and message
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,8 +57,8 @@ def bugs(bugs_file):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """A tiny random Stable Diffusion pipeline saved with save_pretrained (tests/tiny_pipeline.py)."""
-    maker = load(os.path.join(ROOT, "tests", "tiny_pipeline.py"), "tiny_pipeline")
+    """A tiny random Stable Diffusion pipeline saved with save_pretrained (benchmarks/tiny_pipeline.py)."""
+    maker = load(os.path.join(ROOT, "benchmarks", "tiny_pipeline.py"), "tiny_pipeline")
     return maker.make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from plumbing import bookkeeping
 import d3po
-from shapes import load_trained, measure, paired_se   # benchmarks/shapes.py
+from toy_model.measure import load_trained, measure, paired_se   # the toy world's held-apart measurement
 
 EPOCHS, IMAGES_PER_PROMPT = 3, 4
 

@@ -1,6 +1,6 @@
 """Make the shapes-world toy model: a small text-to-image latent diffusion model trained on the CPU.
 
-    python tutorials/make_toy_model.py                 # about 20 minutes on two cores; writes toy_model/
+    python -m toy_model.make                 # about 20 minutes on two cores; writes toy_model/
 
 The world: one shape (circle, square or triangle), small or large, in one of four colours, anywhere on a light
 32 x 32 image, captioned "a small red circle". The script renders that data set on the fly, then trains
@@ -11,7 +11,7 @@ The world: one shape (circle, square or triangle), small or large, in one of fou
 and saves a StableDiffusionPipeline directory (float32 safetensors, DDIM scheduler configured like Stable
 Diffusion's), which every script loads with `--model toy`, by the same code that loads Stable Diffusion, and which
 plain diffusers loads and samples with `StableDiffusionPipeline.from_pretrained("toy_model")`. The world itself
-(colours, shapes, sizes, the renderer and the detector) is tutorials/shapes_world.py.
+(colours, shapes, sizes, the renderer and the detector) is toy_model/world.py.
 
 The UNet is trained deliberately briefly: the model must follow its prompts only partly, so that
 fine-tuning has something to improve. It prints the prompt alignment it reaches every --eval-every steps.
@@ -19,18 +19,17 @@ fine-tuning has something to improve. It prints the prompt alignment it reaches 
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import common  # noqa: E402
-from tutorials.shapes_world import (WORDS, all_prompts, caption, detect_shapes, parse_shape_prompt,  # noqa: E402
-                                    random_attributes, render, shape_scores)
+import common
+from toy_model.world import (WORDS, all_prompts, caption, detect_shapes, parse_shape_prompt, random_attributes, render,
+                             shape_scores)
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # the pipeline is written beside this file
 
 
 def batch(rng, n, resolution=32, drop_size=0.1, drop_all=0.1):
@@ -199,7 +198,7 @@ def train_unet(pipe, rng, steps, batch_size, lr, log, eval_every, snapshot_dir=N
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=os.path.join(ROOT, "toy_model"), help="pipeline directory to write")
+    parser.add_argument("--output", default=HERE, help="pipeline directory to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
     parser.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")
     parser.add_argument("--unet-steps", type=int, default=1500, help="UNet + text encoder training steps")

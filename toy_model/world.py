@@ -1,11 +1,11 @@
 """The shapes world: one coloured shape on a light background, captioned like "a small red circle".
 
 Everything the world is lives here: its colours, shapes and sizes, the renderer that draws its training images
-(tutorials/make_toy_model.py), and the pixel detector with the rewards built on it. The rewards read pixels with
+(toy_model/make.py), and the pixel detector with the rewards built on it. The rewards read pixels with
 fixed rules (no learned weights), so a student can check every number by hand. Each attribute gets a soft score
 in [0, 1], so a sample that is nearly right earns nearly full marks: dense rewards teach faster than
 all-or-nothing ones. The scripts reach the rewards by name (`--reward shapes_correct`, through rewards.py) or as
-`tutorials.shapes_world:shapes_correct`.
+`toy_model.world:shapes_correct`.
 """
 import numpy as np
 import torch

@@ -10,8 +10,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials"))
-from make_toy_model import write_tokenizer  # noqa: E402
+from toy_model.make import write_tokenizer
 
 WORDS = ["a", "photo", "of", "cat", "dog", "horse", "red", "blue", "circle", "square"]
 
