@@ -10,13 +10,12 @@ them.
 import math
 from dataclasses import dataclass
 
+import plumbing  # noqa: F401 (first: Ctrl-C while torch loads ends in one line, plumbing/__init__.py)
 import torch
 from tqdm.auto import tqdm
 
-from plumbing import bookkeeping
 import common
-from plumbing import distributed
-from plumbing import human_feedback
+from plumbing import bookkeeping, distributed, human_feedback
 from plumbing.bookkeeping import arg
 from plumbing.rewards import compute_rewards, get_reward_fn
 

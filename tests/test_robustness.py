@@ -6,9 +6,11 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -238,3 +240,23 @@ def test_prompts_longer_than_the_text_encoders_window_are_said_once_with_their_c
     assert out.count("\n") == 1 and "1 of the 3 prompts are longer than the text encoder's 16 tokens" in out
     bookkeeping.say_long_prompts(tokenizer, ["a small red square"])
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/<pid>/maps to know torch is loading")
+def test_ctrl_c_while_the_libraries_load_ends_in_one_line(tmp_path):
+    """Ctrl-C while torch is still loading (its library mapped, the imports of torch, diffusers and transformers
+    still to run): one line on stderr, no traceback, nothing written."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo.py"), "--model", "toy", "--output-dir",
+                                str(tmp_path / "run")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        with open(f"/proc/{process.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted before the run began: nothing was written"
+    assert process.returncode != 0 and not (tmp_path / "run").exists()
