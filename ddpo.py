@@ -74,8 +74,8 @@ class Args:
 PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
-    gradient_accumulation_steps=2, learning_rate=1.5e-4, lora_rank=0, per_prompt_min_count=4, inner_epochs=2,
-    clip_range=0.1)}
+    gradient_accumulation_steps=2, learning_rate=2.5e-4, lora_rank=0, per_prompt_min_count=4, inner_epochs=2,
+    timestep_fraction=0.5, clip_range=0.2)}
 
 
 # ALGO LOGIC: advantages, the rewards normalised per prompt (reference code's PerPromptStatTracker)

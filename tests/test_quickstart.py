@@ -1,6 +1,6 @@
-"""The README's three quick starts, run exactly as written, and a fast check that each learns: the shape-area
-objective rises on evaluation noise held apart from training by more than twice the standard error of its change
-(the full figures, over three seeds, come from benchmarks/compare.py)."""
+"""The README's three quick starts, run exactly as written, and a check that each learns: the shape-area objective
+rises on evaluation noise held apart from training by at least 5 points and by more than twice the standard error of
+its change (the README gives the figures of seeds 0, 1 and 2)."""
 import json
 import os
 import re
@@ -54,5 +54,5 @@ def test_readme_quickstart_runs_and_raises_the_objective(script, tmp_path):
     print(f"{script}: shape area on held-apart noise {before['area']:.1f}% -> {after['area']:.1f}% ({change:+.1f}, "
           f"s.e. {se:.2f}); the epochs' samples {100 * rewards[0]:.1f}% -> {100 * rewards[-1]:.1f}%")
     assert args.reward == "shape_area" and len(rewards) == args.num_epochs
-    assert change > 2 * se
+    assert change >= 5 and change > 2 * se  # at least 5 points of area, the README's promise for each quick start
     assert sum(rewards[-3:]) > sum(rewards[:3])  # and the line an epoch prints shows it rising
