@@ -120,7 +120,8 @@ def table(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m plumbing.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run's --output-dir (its config.json, and lora/ or unet/)")
     parser.add_argument("--prompt-file", help="the prompts to sample (default: the run's own)")
     parser.add_argument("--rewards", nargs="+", help="rewards.py names, mixes or module:function (default: the run's)")

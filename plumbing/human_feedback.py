@@ -56,7 +56,8 @@ def sample_round(policy, args, prompts):
     bookkeeping.atomic_write(os.path.join(args.output_dir, "prompts.txt"),
                              lambda p: open(p, "w", encoding="utf-8").write("".join(f"{q}\n" for q in prompts)))
     print(f"sampled {len(prompts)} prompts x {n} images into {args.output_dir}: label them on a page in the "
-          f"browser, python -m plumbing.label {args.output_dir} (or copy labels_template.json to labels/<your name>.json "
+          f"browser, python -m plumbing.label {args.output_dir} (or copy labels_template.json to "
+          f"labels/<your name>.json "
           f"and fill in the scores, higher is better)", flush=True)
     bookkeeping.release_output_dir(args)
 

@@ -180,7 +180,8 @@ def serve(round_dir, port=8765, ready=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m plumbing.label", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("round", help="a round directory written by d3po.py --sample-only")
     parser.add_argument("--port", type=int, default=8765, help="the port on 127.0.0.1 (0: any free one)")
     args = parser.parse_args(argv)

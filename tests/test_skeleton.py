@@ -325,3 +325,13 @@ def test_a_nan_reward_in_a_later_epoch_stops_the_run_and_keeps_the_last_checkpoi
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert [r["epoch"] for r in bookkeeping.read_metrics(out)] == [0]
+
+
+def test_the_top_level_is_the_card():
+    """What a reader of the algorithms opens, plus the shipped model and the folders: everything else they may skip
+    is in plumbing/. animals.txt stays beside the scripts: it is their default prompt file, and the command a
+    researcher types is `python d3po.py --prompt-file animals.txt`."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    top = {path.split("/")[0] for path in tracked}
+    assert top == {"README.md", "requirements.txt", "ddpo.py", "d3po.py", "prdp.py", "common.py", "tests", "tutorials",
+                   "toy_model", "benchmarks", "docs", "plumbing", "animals.txt", ".ci", ".gitignore"}

@@ -197,7 +197,8 @@ def train_unet(pipe, rng, steps, batch_size, lr, log, eval_every, snapshot_dir=N
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m toy_model.make", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=HERE, help="pipeline directory to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
     parser.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")

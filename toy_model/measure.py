@@ -5,7 +5,7 @@ import numpy as np
 
 import common
 from plumbing import bookkeeping
-from plumbing.evaluate import EVAL_SEED, held_apart_samples  # noqa: F401 (EVAL_SEED: the tests and notebooks read it here)
+from plumbing.evaluate import EVAL_SEED, held_apart_samples  # noqa: F401 (the tests and notebooks read EVAL_SEED here)
 from plumbing.rewards import compute_rewards, get_reward_fn
 from toy_model.world import shape_area, shape_scores
 
@@ -27,12 +27,12 @@ def measure(policy, args, prompts, images_per_prompt=EVAL_IMAGES_PER_PROMPT, kl=
     """On the held-apart evaluation noise (drawn as common.evaluate draws it, in batches of 32, whatever the run's
     batch size): the run's own reward, alignment (soft x 100, and % fully right) and shape area (% of the image),
     with their per-image values and every image ("images"); also one image per prompt for the grids. kl=True (a
-    policy loaded with reference=True) adds KL(p_theta || p_ref) of each trajectory x_T..x_0 in nats, by the plain Monte Carlo
-    estimator "k1": its log-ratio sum_t log pi_theta / pi_ref on the policy's own samples (the per-element
+    policy loaded with reference=True) adds KL(p_theta || p_ref) of each trajectory x_T..x_0 in nats, by the plain
+    Monte Carlo estimator "k1": its log-ratio sum_t log pi_theta / pi_ref on the policy's own samples (the per-element
     log-probs times the latent's C x h x w elements), and "kl_steps", each step's share averaged over samples."""
     policy.pipe.unet.eval()
     eval_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    samples, log_ratio = held_apart_samples(policy, args, prompts, images_per_prompt, kl)  # plumbing/evaluate.py's sampling
+    samples, log_ratio = held_apart_samples(policy, args, prompts, images_per_prompt, kl)  # plumbing/evaluate.py's
     images = samples.images
     soft, hard, _ = shape_scores(images, eval_prompts)
     reward = compute_rewards(get_reward_fn(args.reward), images, eval_prompts)
