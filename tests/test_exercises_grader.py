@@ -3,6 +3,7 @@ none to the untouched stubs (each check failing on NotImplementedError, not on a
 find-the-bug variant as handed out, and names the mistake in near-miss answers. Run in subprocesses, as a student
 or an autograder runs it: `python -m pytest tutorials/exercises --grades grades.json`."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -104,6 +105,14 @@ def ddim_step_mean_std(alphas_cumprod, final_alpha_cumprod, step_ratio, model_ou
     mean, _ = _right_step(alphas_cumprod, final_alpha_cumprod, step_ratio, model_output, timestep, sample, 1e-12)
     return mean, std
 """)],
+    [("ddpo_clipped_loss", "summed over the samples", """
+def ddpo_clipped_loss(log_probs, old_log_probs, advantages, clip_range):
+    ratio = torch.exp(log_probs - old_log_probs)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).sum()
+"""), ("rdp_loss", "summed the pairs", """
+def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
+    return len(pairs) * project_rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps)[0]
+""")],
 ]
 
 
@@ -123,3 +132,46 @@ def test_a_near_miss_fails_with_a_message_that_points_at_the_mistake(tmp_path, g
             f"a near miss in {function} was not named ('{word}'): {[c['message'] for c in failed]}"
     passed = {e: v["points"] == v["out_of"] for e, v in summary["exercises"].items()}
     assert not all(passed.values())
+
+
+def bug_names():
+    """The start of each row's "the bug" cell on the instructor's page, up to its first bracket or colon: what
+    names the bug, such as "the maximum reward logged as the mean"."""
+    with open(os.path.join(EXERCISES, "solutions", "README.md"), encoding="utf-8") as f:
+        rows = [line.split("|") for line in f if line.startswith("| `") and line.count("|") == 4]
+    names = [re.split(r"[(:]", cells[2])[0].strip() for cells in rows if cells[1].strip("` ") in BUGS]
+    assert len(names) == len(BUGS) and all(len(n) > 15 for n in names), names
+    return names
+
+
+BUGS = ("average_gradients", "d3po_step_loss", "save_lora", "normalised_advantages", "reward_metrics", "sampling_step")
+
+
+def test_the_handout_names_no_bug_and_holds_no_fix_and_the_grader_runs_there(tmp_path):
+    """The handout made with the instructor's page's own line: no solutions/, no bug named anywhere in it (the
+    instructor's table), no fix's comment, and the grader grades the untouched stubs there, the points first."""
+    with open(os.path.join(EXERCISES, "solutions", "README.md"), encoding="utf-8") as f:
+        recipe = re.search(r"^    (mkdir handout && git archive HEAD .*)$", f.read(), re.M).group(1)
+    handout = tmp_path / "handout"
+    subprocess.run(recipe.replace("handout", str(handout)), shell=True, cwd=ROOT, check=True)
+    assert (handout / "tutorials" / "exercises" / "README.md").exists()
+    assert not (handout / "tutorials" / "exercises" / "solutions").exists()
+    with open(os.path.join(EXERCISES, "solutions", "bugs.py"), encoding="utf-8") as f:
+        fixes = [line.split("# FIX:")[1].strip() for line in f if "# FIX:" in line]
+    fixes = [fix for fix in fixes if len(fix) > 20]  # each fix's explanation (one is the single word "mean")
+    withheld = [name.lower() for name in bug_names()] + [fix.lower() for fix in fixes]
+    texts = [p for p in handout.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".ipynb", ".txt", ".html")]
+    assert len(texts) > 50
+    for path in texts:
+        text = " ".join(path.read_text(encoding="utf-8").lower().split())
+        for words in withheld:
+            assert words not in text, f"the handout's {path.relative_to(handout)} gives away: {words!r}"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--grades", "g.json",
+                           "--student", "s042", "tutorials/exercises/test_exercises.py"], cwd=handout,
+                          capture_output=True, text=True, timeout=600)
+    summary = json.loads((handout / "g.json").read_text())
+    assert summary["student"] == "s042" and summary["points"] == 0 and summary["out_of"] > 0, done.stdout[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    table = next(i for i, line in enumerate(lines) if line.startswith("points (student, student s042):"))
+    assert all(re.fullmatch(r"[.FEsx]+(\s+\[\s*\d+%\])?", line) for line in lines[:table]), lines[:table]
+    assert "Traceback" not in done.stdout and "def test_" not in done.stdout and "NotImplementedError" in done.stdout

@@ -16,8 +16,7 @@ def average_gradients(params, world_size):
     """Data-parallel training: after backward, each of the world_size processes holds the gradient of its own
     share of the batch; make every process hold the AVERAGE of them, so all take the same optimiser step.
 
-    Users saw: the LoRA weights trained on 8 GPUs moved 8 times too far a step, and a learning rate tuned on
-    one GPU diverged on eight."""
+    Users saw: a learning rate tuned on one GPU diverged on eight."""
     import torch.distributed as dist
     for p in params:
         if p.grad is not None:
@@ -28,7 +27,7 @@ def d3po_step_loss(log_probs, ref_log_probs, beta, ratio_clip):
     """D3PO's loss of one step of b pairs, the winner first: the ratio pi_theta / pi_ref clamped to
     [1 - ratio_clip, 1 + ratio_clip] before its log (the reference code), then -log sigmoid(beta (winner - loser)).
 
-    Users saw: steps whose ratio had just left the band still trained, and some inside it did not."""
+    Users saw: runs that trained differently from the reference code's with the same ratio_clip."""
     log_ratio = (log_probs - ref_log_probs).clamp(-ratio_clip, ratio_clip)
     logits = beta * (log_ratio[:, 0] - log_ratio[:, 1])
     return -torch.nn.functional.logsigmoid(logits).mean()
@@ -53,8 +52,7 @@ def normalised_advantages(stats, prompts, rewards, buffer_size, min_count):
     """DDPO's advantages: each reward normalised against the last buffer_size rewards of ITS OWN prompt (kept in
     stats, updated here), once that prompt has min_count of them; before that against the batch.
 
-    Users saw: on prompts whose images always score high (an easy prompt), every image got a positive advantage,
-    and the model learnt to draw the easy prompts' kind of image whatever it was asked."""
+    Users saw: the model learnt to draw the easy prompts' kind of image whatever it was asked."""
     prompts, rewards = np.asarray(prompts), np.asarray(rewards, dtype=np.float64)
     for prompt in np.unique(prompts):
         stats[str(prompt)] = (stats.get(str(prompt), []) + rewards[prompts == prompt].tolist())[-buffer_size:]
@@ -65,8 +63,7 @@ def normalised_advantages(stats, prompts, rewards, buffer_size, min_count):
 def reward_metrics(rewards):
     """What an epoch logs of its rewards: their mean (reward_mean) and standard deviation (reward_std).
 
-    Users saw: reward curves that rose while the images did not get better, and that never matched the mean
-    reward of the same samples computed afterwards."""
+    Users saw: reward curves that never matched the rewards of the same samples computed afterwards."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     return {"reward_mean": float(rewards.max()), "reward_std": float(rewards.std(unbiased=False))}
 

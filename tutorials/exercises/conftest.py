@@ -3,7 +3,8 @@
     python -m pytest tutorials/exercises                                    # the student's exercises.py and bugs.py
     EXERCISES_GRADE=solutions python -m pytest tutorials/exercises          # the reference solutions
     EXERCISES_GRADE=path/to/dir python -m pytest tutorials/exercises        # exercises.py and bugs.py in that folder
-    python -m pytest tutorials/exercises --grades grades.json               # also write the points as JSON
+    python -m pytest tutorials/exercises --grades grades.json --student ID  # also write the points as JSON
+    python -m pytest tutorials/exercises --tb=short                         # and the tracebacks of failed checks
     python -m pytest tutorials/exercises --junitxml grades.xml              # pytest's JUnit XML, for autograders
 """
 import importlib.util
@@ -17,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 GRADES = []  # one entry per graded check: its exercise, points, outcome and message
+STUDENT = [None]  # --student
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -64,12 +66,21 @@ def tiny_model(tmp_path_factory):
 
 def pytest_addoption(parser):
     parser.addoption("--grades", default=None, help="write the points per exercise to this JSON file")
+    parser.addoption("--student", default=None, help="who is graded, written into the --grades file")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "points(exercise, n): the check is worth n points of the named exercise")
     config.addinivalue_line("markers", "slow: minutes of training on the toy model")
     config.grades = []
+    STUDENT[0] = config.getoption("--student")
+    # the points table says what failed, one line a check: tracebacks only when asked for (--tb=short), and no
+    # second list of the failures after the table
+    if config.option.tbstyle == "auto":
+        config.option.tbstyle = "no"
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.reportchars = ""
 
 
 def pytest_runtest_setup(item):
@@ -98,7 +109,7 @@ def summary():
         e["out_of"] += g["points"]
         e["points"] += g["points"] if g["passed"] else 0
         e["checks"].append({k: v for k, v in g.items() if k != "exercise"})
-    return {"graded": os.environ.get("EXERCISES_GRADE", "student"), "exercises": exercises,
+    return {"graded": os.environ.get("EXERCISES_GRADE", "student"), "student": STUDENT[0], "exercises": exercises,
             "points": sum(e["points"] for e in exercises.values()),
             "out_of": sum(e["out_of"] for e in exercises.values())}
 
@@ -109,13 +120,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     result = summary()
     write = terminalreporter.write_line
     write("")
-    write(f"points ({result['graded']}):")
+    who = f", student {result['student']}" if result["student"] else ""
+    write(f"points ({result['graded']}{who}):")
     for name, e in result["exercises"].items():
         write(f"  {name:<44}{e['points']:>4} / {e['out_of']}")
         for check in e["checks"]:
             if not check["passed"]:
                 write(f"      {check['check']}: {check['message']}")
     write(f"  {'total':<44}{result['points']:>4} / {result['out_of']}")
+    if config.option.tbstyle == "no":
+        write("(the tracebacks of the failed checks: add --tb=short)")
     path = config.getoption("--grades")
     if path:
         with open(path, "w") as f:

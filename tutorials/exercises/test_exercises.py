@@ -169,6 +169,7 @@ def test_the_surrogate_is_the_loop(ex):
         optimistic.append(min(-a * ratio, -a * clipped))
     assert not close(got, np.mean(optimistic)), \
         "you took the smaller of -A ratio and -A clip(ratio): PPO's surrogate is pessimistic, the larger one"
+    assert not close(got, np.sum(terms)), "you summed over the samples: the loss is the MEAN of their terms"
     assert close(got, np.mean(terms)), "your loss differs from the mean over samples of max(-A ratio, -A clip(ratio))"
 
 
@@ -276,6 +277,8 @@ def test_the_rdp_loss_is_the_loop(ex):
         "your r_hat sums the T steps' log-ratios: the project (the paper's appendix code) takes their MEAN"
     assert not close(got, slow_rdp(log_ratio, old, rewards, pairs, 1.0, 0.1)), \
         "your target has no beta: it is (r(a) - r(b)) / beta"
+    assert not close(got, len(pairs) * slow_rdp(log_ratio, old, rewards, pairs, 0.5, 0.1)), \
+        "you summed the pairs' squared errors: the loss is their MEAN over the pairs"
     assert close(got, slow_rdp(log_ratio, old, rewards, pairs, 0.5, 0.1)), \
         "your loss differs from the mean over pairs of max(unclipped, clipped) squared errors"
 
