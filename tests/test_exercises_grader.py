@@ -136,7 +136,7 @@ def test_a_near_miss_fails_with_a_message_that_points_at_the_mistake(tmp_path, g
 
 def bug_names():
     """The start of each row's "the bug" cell on the instructor's page, up to its first bracket or colon: what
-    names the bug, such as "the maximum reward logged as the mean"."""
+    names the bug (the words the handout must not hold)."""
     with open(os.path.join(EXERCISES, "solutions", "README.md"), encoding="utf-8") as f:
         rows = [line.split("|") for line in f if line.startswith("| `") and line.count("|") == 4]
     names = [re.split(r"[(:]", cells[2])[0].strip() for cells in rows if cells[1].strip("` ") in BUGS]
