@@ -149,7 +149,8 @@ BUGS = ("average_gradients", "d3po_step_loss", "save_lora", "normalised_advantag
 
 def test_the_handout_names_no_bug_and_holds_no_fix_and_the_grader_runs_there(tmp_path):
     """The handout made with the instructor's page's own line: no solutions/, no bug named anywhere in it (the
-    instructor's table), no fix's comment, and the grader grades the untouched stubs there, the points first."""
+    instructor's table), no fix's comment, no answer to the stubs' questions, and the grader grades the untouched
+    stubs there, the points first."""
     with open(os.path.join(EXERCISES, "solutions", "README.md"), encoding="utf-8") as f:
         recipe = re.search(r"^    (mkdir handout && git archive HEAD .*)$", f.read(), re.M).group(1)
     handout = tmp_path / "handout"
@@ -159,7 +160,11 @@ def test_the_handout_names_no_bug_and_holds_no_fix_and_the_grader_runs_there(tmp
     with open(os.path.join(EXERCISES, "solutions", "bugs.py"), encoding="utf-8") as f:
         fixes = [line.split("# FIX:")[1].strip() for line in f if "# FIX:" in line]
     fixes = [fix for fix in fixes if len(fix) > 20]  # each fix's explanation (one is the single word "mean")
-    withheld = [name.lower() for name in bug_names()] + [fix.lower() for fix in fixes]
+    with open(os.path.join(EXERCISES, "solutions", "README.md"), encoding="utf-8") as f:
+        answers = [line.split("|")[3].split(":")[0].strip() for line in f.read().split("## The stubs' questions")[1]
+                   .splitlines() if re.match(r"\| \d \|", line)]
+    assert len(answers) == 7
+    withheld = [name.lower() for name in bug_names()] + [fix.lower() for fix in fixes] + [a.lower() for a in answers]
     texts = [p for p in handout.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".ipynb", ".txt", ".html")]
     assert len(texts) > 50
     for path in texts:

@@ -128,7 +128,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if not check["passed"]:
                 write(f"      {check['check']}: {check['message']}")
     write(f"  {'total':<44}{result['points']:>4} / {result['out_of']}")
-    if config.option.tbstyle == "no":
+    if config.option.tbstyle == "no" and result["points"] < result["out_of"]:
         write("(the tracebacks of the failed checks: add --tb=short)")
     path = config.getoption("--grades")
     if path:

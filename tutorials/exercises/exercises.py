@@ -2,10 +2,12 @@
 
     python -m pytest tutorials/exercises
 
-Each function below says what to compute, with the shapes of its tensors and the equation it comes from
-(docs/papers.md and tutorials/ hold the papers' equations; the notebooks in tutorials/ teach them). Replace
-each `raise NotImplementedError(...)` with your code, in plain PyTorch; do not import the project's scripts here.
-Log-probabilities are MEANS over the latent's elements, as in the project and the papers' reference code.
+Each function below says what it computes, in the papers' notation, with the shapes of its tensors and what it
+returns, and where the project's notes derive it (docs/papers.md; the notebooks in tutorials/ teach it); working
+out the formula from there is the exercise. Each also asks a question about what you wrote: the grader checks
+the answer through your function's behaviour. Replace each `raise NotImplementedError(...)` with your code, in
+plain PyTorch; do not import the project's scripts here. Log-probabilities are MEANS over the latent's elements,
+as in the project and the papers' reference code.
 """
 import torch  # noqa: F401 (your code will need it)
 
@@ -19,12 +21,12 @@ def ddim_step_mean_std(alphas_cumprod, final_alpha_cumprod, step_ratio, model_ou
     abar used when the previous timestep is negative (scheduler.final_alpha_cumprod); step_ratio: how far apart the
     DDIM timesteps are (1000 // the number of steps), so the previous timestep is timestep - step_ratio;
     model_output: eps_theta (B, C, H, W); timestep: an int; sample: x_t (B, C, H, W); eta: in (0, 1].
-
-      x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-      sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))            (DDIM Eq. 16)
-      mean = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps                    (DDIM Eq. 12)
+    The step is DDIM's (DDIM Eqs. 12 and 16; docs/papers.md, "The policy"): predict x_0 from x_t and eps_theta,
+    then move to the previous timestep with standard deviation sigma_t, which eta scales.
 
     Returns (mean (B, C, H, W), std): std a tensor that broadcasts against the mean (a 0-d tensor is fine).
+
+    Question: which abar does the last step (timestep < step_ratio) move to, and how does sigma_t grow with eta?
     """
     raise NotImplementedError("ddim_step_mean_std: compute the step's mean and standard deviation (see its docstring)")
 
@@ -33,8 +35,9 @@ def ddim_log_prob(prev_sample, mean, std):
     """log pi(x_{t-1} | x_t, c) of each sample: the log-density of N(mean, std^2 I) at prev_sample, taken
     element by element and then AVERAGED over the C, H, W elements (the reference code's convention).
 
-    prev_sample, mean: (B, C, H, W); std: broadcasts against them. Returns (B,). The gradient must flow to `mean`
-    (that is where theta is) and not to prev_sample (the action taken is data).
+    prev_sample, mean: (B, C, H, W); std: broadcasts against them. Returns (B,).
+
+    Question: through which argument may the gradient flow, and why not through the other?
     """
     raise NotImplementedError("ddim_log_prob: compute the Gaussian log-density, mean over elements (see its docstring)")
 
@@ -48,16 +51,24 @@ def per_prompt_advantages(stats, prompts, rewards, buffer_size, min_count):
     prompt and keep the last buffer_size. prompts: B strings; rewards: B numbers. For each prompt, once its list
     holds at least min_count rewards, A = (r - mean(list)) / (std(list) + 1e-6), with numpy's std (ddof 0);
     before that, the mean and std of the whole batch's rewards stand in. Returns a float32 tensor (B,).
+
+    Question: two prompts, one whose images always score high and one whose images always score low: what
+    advantages does each prompt's better image get, once both have min_count rewards?
     """
     raise NotImplementedError("per_prompt_advantages: normalise each reward against its own prompt's statistics")
 
 
 def ddpo_clipped_loss(log_probs, old_log_probs, advantages, clip_range):
-    """DDPO_IS with PPO's clip, for one denoising step of b samples (DDPO Sec. 4.3).
+    """DDPO_IS, the importance-sampling estimator with PPO's clipped surrogate, for one denoising step of b samples
+    (DDPO Sec. 4.3; docs/papers.md, "DDPO"): a loss to MINIMISE whose gradient at theta = theta_old is the score
+    function's, and which stops pushing a sample once its ratio pi_theta / pi_old has left [1 - clip_range,
+    1 + clip_range] in the direction its advantage wants.
 
-    log_probs (b,): log pi_theta of the step, with gradients; old_log_probs (b,): log pi_old, when sampled;
-    advantages (b,). ratio = pi_theta / pi_old; the loss is the mean over samples of the pessimistic (larger) of
-    -A ratio and -A clip(ratio, 1 - clip_range, 1 + clip_range). Returns a scalar.
+    log_probs (b,): log pi_theta of the step, with gradients; old_log_probs (b,): log pi_old, recorded when the
+    step was sampled; advantages (b,): A; clip_range: epsilon. Returns a scalar, averaged over the b samples.
+
+    Question: for a sample with A > 0, at which ratios is the gradient of your loss zero, and what does a sample
+    whose ratio moved the other way get?
     """
     raise NotImplementedError("ddpo_clipped_loss: the clipped importance-sampling surrogate (see its docstring)")
 
@@ -65,13 +76,16 @@ def ddpo_clipped_loss(log_probs, old_log_probs, advantages, clip_range):
 # ---- 3. D3PO (notebook 3) --------------------------------------------------------------------------------------------
 
 def d3po_loss(log_probs, ref_log_probs, beta, ratio_clip):
-    """D3PO's loss of one denoising step of b pairs, the winner first (D3PO's per-step loss, docs/papers.md).
+    """D3PO's loss of one denoising step of b pairs, the winner first: DPO's loss (Bradley-Terry preferences,
+    the KL-regularised optimum's log-ratio as the implicit reward, weight beta) applied to one step of each pair's
+    two trajectories from one x_T (docs/papers.md, "D3PO"), with the reference code's clamp of each ratio
+    pi_theta / pi_ref to [1 - ratio_clip, 1 + ratio_clip].
 
-    log_probs (b, 2): log pi_theta of the winner's and the loser's step, with gradients; ref_log_probs (b, 2):
-    the same under pi_ref. As the reference code: the ratio pi_theta / pi_ref is clamped to
-    [1 - ratio_clip, 1 + ratio_clip] before its log, then
-        loss = -log sigmoid(beta (log ratio_winner - log ratio_loser)),  averaged over the b pairs.
-    Returns a scalar.
+    log_probs (b, 2): log pi_theta of the winner's and the loser's step, with gradients; ref_log_probs (b, 2): the
+    same under pi_ref. Returns a scalar, averaged over the b pairs.
+
+    Question: at pi_theta = pi_ref, what is the loss, and which way does its gradient push the winner's log-prob?
+    Where does the clamp leave no gradient?
     """
     raise NotImplementedError("d3po_loss: DPO's loss on each step's clamped log-ratios (see its docstring)")
 
@@ -79,14 +93,18 @@ def d3po_loss(log_probs, ref_log_probs, beta, ratio_clip):
 # ---- 4. PRDP (notebook 4) --------------------------------------------------------------------------------------------
 
 def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
-    """PRDP's reward difference prediction loss with the proximal clip (PRDP Eqs. 10-14 and 16-21).
+    """PRDP's reward difference prediction loss with its proximal clip (PRDP Eqs. 10-14 and 16-21;
+    docs/papers.md, "PRDP"): each pair's predicted reward difference, from the trajectories' log-ratios to pi_ref
+    (r_hat, the MEAN over the T steps, as the paper's appendix code), regressed on the true reward difference on
+    the scale the KL-regularised optimum sets; and the same prediction with each step's log-ratio kept within
+    clip_eps of its value at theta_old, the pessimistic of the two taken per pair.
 
     log_ratio (n, T): log pi_theta / pi_ref of each of the T steps of n trajectories, with gradients;
-    old_log_ratio (n, T): the same at theta_old; rewards (n,); pairs (m, 2): indices (a, b) of trajectories of one
-    prompt. r_hat = the MEAN over the T steps of log_ratio (the paper's appendix code); r_hat_clip the same mean of
-    each step's log-ratio clipped to within clip_eps of its old value. For each pair,
-        unclipped = (r_hat(a) - r_hat(b) - (r(a) - r(b)) / beta)^2, clipped the same with r_hat_clip,
-    and the loss is the mean over pairs of the larger of the two. Returns a scalar.
+    old_log_ratio (n, T): the same at theta_old; rewards (n,); pairs (m, 2): indices (a, b) of two trajectories of
+    one prompt; beta: the KL weight. Returns a scalar, averaged over the m pairs.
+
+    Question: where is your loss exactly zero? (Hint: pi* = pi_ref exp(r / beta) / Z.) And when the clip acts,
+    which moves does it stop: those towards the target, or those away from it?
     """
     raise NotImplementedError("rdp_loss: reward difference prediction with the proximal clip (see its docstring)")
 
@@ -99,5 +117,7 @@ def two_pass_backward(step_log_prob, num_steps, loss_fn):
     make that (b, T) tensor a leaf that requires grad, compute the loss and its gradient with respect to it;
     then, step by step, recompute step s WITH a graph and backpropagate that step's column of the gradient into
     the parameters. By the chain rule the parameters get exactly the gradient of loss_fn. Returns the loss.
+
+    Question: how many times is step_log_prob called without a graph, and how many with one?
     """
     raise NotImplementedError("two_pass_backward: the loss's gradient, one step's graph at a time (see its docstring)")
