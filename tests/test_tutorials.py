@@ -69,8 +69,8 @@ def test_the_set_up_cell_elsewhere_tries_to_fetch_the_project_and_says_so_when_i
 def test_no_notebook_defines_a_function_the_project_already_has():
     """The math cells call the scripts' and common.py's functions; a def of the same name would be a second copy."""
     project = set()
-    for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tutorials", "*.py")) \
-            + glob.glob(os.path.join(ROOT, "benchmarks", "*.py")):
+    for path in [p for folder in ("", "tutorials", "benchmarks", "plumbing", "toy_model")
+                 for p in glob.glob(os.path.join(ROOT, folder, "*.py"))]:
         project |= {n for n in top_level_names(path) if not n.isupper()}
     for path in NOTEBOOKS:
         defined = {node.name for source in code_cells(path) for node in ast.walk(ast.parse(source))
