@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 
 try:
@@ -396,19 +397,22 @@ def read_metrics(output_dir):
 
 
 def save_grid(images, captions, path, columns=8, scale=1):
-    """Save images (B, 3, H, W) in [0, 1] as one PNG grid, each with a short caption beneath (and each image
-    enlarged `scale` times, pixel for pixel, for small models)."""
+    """Save images (B, 3, H, W) in [0, 1] as one PNG grid, each with its caption beneath on up to two lines, cut
+    only beyond them (and each image enlarged `scale` times, pixel for pixel, for small models)."""
     arrays = to_uint8(images).repeat(scale, axis=1).repeat(scale, axis=2)
     n, (h, w) = len(arrays), arrays.shape[1:3]
     columns = min(columns, n)
     rows = math.ceil(n / columns)
-    cell_w, text_h = max(w, 96), 12
+    cell_w, text_h = max(w, 96), 24
+    width = cell_w // 6  # characters a line, in PIL's default font
     grid = Image.new("RGB", (columns * cell_w, rows * (h + text_h)), "white")
     draw = ImageDraw.Draw(grid)
     for i, (arr, caption) in enumerate(zip(arrays, captions)):
         x, y = (i % columns) * cell_w, (i // columns) * (h + text_h)
         grid.paste(Image.fromarray(arr), (x + (cell_w - w) // 2, y))
-        draw.text((x + 2, y + h), caption[: cell_w // 6], fill="black")
+        lines = textwrap.wrap(caption, width)
+        lines = lines[:1] + [" ".join(lines[1:])[:width]] if len(lines) > 1 else lines
+        draw.text((x + 2, y + h), "\n".join(lines), fill="black", spacing=0)
     atomic_write(path, lambda p: grid.save(p, format="PNG"))
 
 

@@ -68,7 +68,7 @@ def test_grid_has_one_cell_per_image(tmp_path):
     images = torch.rand(5, 3, 16, 16)
     bookkeeping.save_grid(images, ["a"] * 5, str(tmp_path / "g.png"), columns=4)
     grid = Image.open(tmp_path / "g.png")
-    assert grid.size == (4 * 96, 2 * (16 + 12))
+    assert grid.size == (4 * 96, 2 * (16 + 24))  # two lines of caption under each image
 
 
 def test_curves_plot_each_metric_in_its_own_panel_with_the_reward_band(tmp_path):

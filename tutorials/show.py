@@ -7,6 +7,7 @@ notebook's own figure display).
 """
 import io
 import math
+import textwrap
 
 import matplotlib.pyplot as plt
 
@@ -20,16 +21,17 @@ def _display(figure):
 
 
 def images(batch, titles=None, columns=8, size=1.3, title=None):
-    """Show images (B, 3, H, W) in [0, 1] in a grid of `columns`, each with its title beneath."""
+    """Show images (B, 3, H, W) in [0, 1] in a grid of `columns`, each with its title above, wrapped to the
+    image's width (so that neighbouring titles never run together)."""
     n = len(batch)
     columns = min(columns, n)
     rows = math.ceil(n / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(size * columns, 1.25 * size * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(size * columns, (1.0 * size + 0.35) * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, batch, titles or [""] * n):
         ax.imshow(image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(caption, fontsize=7)
+        ax.set_title("\n".join(textwrap.wrap(caption, max(8, int(13 * size)))), fontsize=7)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
