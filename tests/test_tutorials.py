@@ -4,6 +4,7 @@ bottom in its short mode (TUTORIALS_SHORT=1) in a fresh kernel."""
 import ast
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,6 +67,12 @@ def test_the_set_up_cell_elsewhere_tries_to_fetch_the_project_and_says_so_when_i
     assert "Traceback" not in done.stderr
 
 
+def test_the_set_up_cell_elsewhere_without_an_address_says_what_to_set(tmp_path):
+    done = run_set_up_cell(str(tmp_path), {"PROJECT_URL": ""})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "set PROJECT_URL in this cell to the project's git address" in done.stderr
+
+
 def test_no_notebook_defines_a_function_the_project_already_has():
     """The math cells call the scripts' and common.py's functions; a def of the same name would be a second copy."""
     project = set()
@@ -93,3 +100,22 @@ def test_the_notebook_runs_in_its_short_mode_in_a_fresh_kernel(path, monkeypatch
     shown = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
              if "image/png" in o.get("data", {})]
     assert shown, "the notebook showed no picture"
+
+
+def test_each_notebook_has_an_executed_copy_whose_cells_are_its_sources():
+    """docs/tutorials/ holds each notebook run in full mode (python tutorials/execute.py), for reading without
+    running: a dated note naming the machine, then exactly the notebook's cells, with their outputs."""
+    for path in NOTEBOOKS:
+        name = os.path.basename(path)
+        copy = os.path.join(ROOT, "docs", "tutorials", name)
+        assert os.path.exists(copy), f"no executed copy of {name}: python tutorials/execute.py {name}"
+        executed = nbformat.read(copy, as_version=4)
+        note, cells = executed.cells[0], executed.cells[1:]
+        assert note.metadata.get("executed_copy") and re.search(r"run in full mode on \d{4}-\d{2}-\d{2}, .+ cores",
+                                                                 note.source), note.source
+        source = nbformat.read(path, as_version=4).cells
+        assert [(c.cell_type, c.source) for c in cells] == [(c.cell_type, c.source) for c in source], \
+            f"docs/tutorials/{name} is not the notebook as it is now: python tutorials/execute.py {name}"
+        outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
+        assert any("image/png" in o.get("data", {}) for o in outputs)
+        assert not any(o.get("output_type") == "error" for o in outputs)
