@@ -149,7 +149,8 @@ def sample_trajectories(policy, prompt_embeds, generator, latents=None, progress
         latents = torch.randn((B, *latent_size(pipe)), generator=generator, device=generator.device)
     latents = latents.to(prompt_embeds.device, torch.float32) * pipe.scheduler.init_noise_sigma  # 1.0 for DDIM
     all_latents, all_log_probs = [latents], []
-    for t in tqdm(pipe.scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
+    # the bar only on a terminal (None: tqdm asks whether its output is one), never in a log or a notebook
+    for t in tqdm(pipe.scheduler.timesteps, desc="sampling", leave=False, disable=None if progress else True):
         noise_pred = guided_noise_pred(policy, latents, t, prompt_embeds)
         latents, log_prob = ddim_step_with_logprob(pipe.scheduler, noise_pred, t, latents, policy.eta, None, generator)
         all_latents.append(latents)
