@@ -12,7 +12,7 @@ import sys
 
 def _interrupted_in_one_line(kind, value, traceback, default=sys.excepthook):
     if issubclass(kind, KeyboardInterrupt):
-        print("\ninterrupted before the run began: nothing was written", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # before run_main took over (it says how to resume a run)
     else:
         default(kind, value, traceback)
 
