@@ -23,7 +23,6 @@ puts every run of every claim on the last of these.
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np

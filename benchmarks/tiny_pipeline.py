@@ -5,7 +5,6 @@ cross-attention in the lower block, a two-block VAE (latents 4 x res/2 x res/2),
 a CLIP byte-pair tokenizer whose merges spell whole words, and SD's DDIM scheduler configuration.
 """
 import os
-import sys
 import tempfile
 
 import torch

@@ -1,7 +1,4 @@
 """The shapes world: renderer, pixel detector and rewards, tokenizer, and the toy-model training script."""
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +6,6 @@ import torch
 from plumbing import bookkeeping
 import common
 from plumbing import rewards
-from conftest import ROOT
 from toy_model import world as shapes_world
 
 from toy_model import make as make_toy_model
