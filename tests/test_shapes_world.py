@@ -97,10 +97,14 @@ def test_prompt_file_lists_every_combination():
 
 
 def test_training_script_smoke(tmp_path):
-    """A few steps of every stage, and the saved directory loads like Stable Diffusion does."""
+    """A few steps of every stage, and the saved directory loads like Stable Diffusion does. The worker's thread
+    count is left alone (it was once set to 2 here, and every later test of a `-n 2` worker then fought the other
+    worker for the two cores: 10x slower)."""
     out = tmp_path / "toy"
+    threads = torch.get_num_threads()
     make_toy_model.main(["--output", str(out), "--vae-steps", "2", "--unet-steps", "2", "--eval-every", "0",
                          "--batch-size", "4"])
+    assert torch.get_num_threads() == threads
     pipe, params, _ = common.load_pipeline(str(out), "cpu", "no", lora_rank=4)
     assert pipe.resolution == 32 and pipe.vae_scale_factor == 2
     assert pipe.scheduler.config.set_alpha_to_one is False and pipe.scheduler.config.steps_offset == 1

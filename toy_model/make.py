@@ -206,10 +206,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="images per training step")
     parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the UNet and text encoder")
     parser.add_argument("--eval-every", type=int, default=500, help="measure prompt alignment every N UNet steps")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's own, which follows OMP_NUM_THREADS)")
     parser.add_argument("--snapshots", default=None, help="also save the pipeline at every evaluation, under this folder")
     opts = parser.parse_args(argv)
-    torch.set_num_threads(opts.threads)
+    if opts.threads:  # process-wide: a test or notebook that calls main() keeps its own count without the flag
+        torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     start = time.perf_counter()
