@@ -35,6 +35,8 @@ class Args:
     resolution: int = arg(512, "image size in pixels, a multiple of 8 (SD v1.5 at 512, as in the papers)")
     num_steps: int = arg(20, "DDIM steps T (D3PO reference code: 20)")
     eta: float = arg(1.0, "DDIM stochasticity, in (0, 1] (the papers: 1.0, the DDPM posterior variance)")
+    noise_level: float = arg(0.7, "a flow model's (SD3) step noise a, sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO paper: 0.7)",
+                             within="(0, inf)")
     guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (the papers: 5.0)")
     sample_batch_size: int = arg(20, "images per sampling batch (D3PO reference code: 10 pairs per GPU)")
     sample_batches_per_epoch: int = arg(2, "sampling batches per epoch (D3PO reference code: 2)")

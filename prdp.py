@@ -34,6 +34,8 @@ class Args:
     resolution: int = arg(512, "image size in pixels, a multiple of 8 (SD v1.5 at 512, as in the papers)")
     num_steps: int = arg(50, "DDIM steps T (DDPO reference base config, PRDP setup: 50)")
     eta: float = arg(1.0, "DDIM stochasticity, in (0, 1] (the papers: 1.0, the DDPM posterior variance)")
+    noise_level: float = arg(0.7, "a flow model's (SD3) step noise a, sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO paper: 0.7)",
+                             within="(0, inf)")
     guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (the papers: 5.0)")
     sample_batch_size: int = arg(16, "images per sampling batch (PRDP Table 4: B = 16 images of a prompt)")
     sample_batches_per_epoch: int = arg(32, "sampling batches per epoch (PRDP Table 4: N = 32 prompts)")

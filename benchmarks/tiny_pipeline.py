@@ -43,6 +43,36 @@ def make_tiny_pipeline(path, resolution=32, seed=0, prediction_type="epsilon"):
     return path
 
 
+def make_tiny_sd3_pipeline(path, resolution=32, seed=0):
+    """Build, save and return the path of a tiny random StableDiffusion3Pipeline directory: a one-block SD3
+    transformer (joint attention, pooled projections) on 4 x res/2 x res/2 latents, two CLIP text encoders with
+    projections (their pooled outputs side by side are the transformer's pooled input), no T5 (SD3's pipeline then
+    pads with zeros, as it allows), a VAE with SD3's shift and scaling factors, and SD3's flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizers = [write_tokenizer(tempfile.mkdtemp(), WORDS) for _ in range(2)]
+    text_encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=32, max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)) for tokenizer in tokenizers]
+    transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=1, in_channels=4, out_channels=4,
+                                        num_layers=1, attention_head_dim=8, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=resolution // 2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=resolution, shift_factor=0.0609, scaling_factor=1.5035,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
+                                    text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1], text_encoder_3=None,
+                                    tokenizer_3=None)
+    pipe.save_pretrained(path)
+    return path
+
+
 def make_tiny_reward_models(path, seed=0):
     """Tiny stand-ins for the learned rewards' models, saved where the REWARD_* environment variables can point
     (rewards.SOURCES): a CLIP with a projection of ViT-L/14's width (768) and its processor, and a random aesthetic

@@ -515,11 +515,14 @@ def save_weights(pipe, output_dir):
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     if lora:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        layers = get_peft_model_state_dict(pipe.unet)
+        if hasattr(pipe, "transformer"):  # SD3 loads peft's names as they are (converted, half of them are lost)
+            type(pipe).save_lora_weights(tmp, transformer_lora_layers=layers, safe_serialization=True)
+        else:
+            type(pipe).save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                         safe_serialization=True)
     else:
         pipe.unet.save_pretrained(tmp, safe_serialization=True)
     if os.path.isdir(final):

@@ -93,9 +93,9 @@ def sample_epoch(policy, args, prompts, generator, *more, **kwargs):
         return common.sample_epoch(policy, args, prompts, generator, *more, **kwargs)
     batches = itertools.count()  # the batch sample_mine is called for
 
-    def sample_mine(policy, embeds, generator, latents=None, progress=True):
+    def sample_mine(policy, embeds, generator, latents=None, progress=True, pooled=None):
         if mine(next(batches)):
-            return common.sample_trajectories(policy, embeds, generator, latents, progress and is_main())
+            return common.sample_trajectories(policy, embeds, generator, latents, progress and is_main(), pooled)
         # another process's batch: its noise (x_T unless given, and one a step) drawn here and dropped, so that this
         # process's random stream goes on as the one-process run's does; zeros in its rows until summed
         shape = (len(embeds), *common.latent_size(policy.pipe))
@@ -107,7 +107,7 @@ def sample_epoch(policy, args, prompts, generator, *more, **kwargs):
             torch.zeros((len(embeds), 3, resolution, resolution), device=embeds.device),
             torch.zeros((shape[0], policy.num_steps + 1, *shape[1:]), device=embeds.device),
             torch.zeros((len(embeds), policy.num_steps), device=embeds.device),
-            policy.pipe.scheduler.timesteps, embeds)
+            policy.pipe.scheduler.timesteps, embeds, pooled)
 
     batch_prompts, samples = common.sample_epoch(policy, args, prompts, generator, *more, sample=sample_mine,
                                                 **kwargs)

@@ -202,9 +202,10 @@ def load_round(policy, args):
                         f"says which is better and there is nothing to train on; label some differences.")
     t = {k: v.to(policy.pipe.device) for k, v in stored.items()}
     batch_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
-    embeds = torch.cat([common.encode_prompts(policy.pipe, batch_prompts[i:i + args.sample_batch_size])
-                        for i in range(0, len(batch_prompts), args.sample_batch_size)])
-    samples = common.Trajectories(t["images"], t["latents"], t["log_probs"], t["timesteps"], embeds)
+    embeds, pooled = zip(*[common.encode_prompts(policy.pipe, batch_prompts[i:i + args.sample_batch_size], pooled=True)
+                           for i in range(0, len(batch_prompts), args.sample_batch_size)])
+    samples = common.Trajectories(t["images"], t["latents"], t["log_probs"], t["timesteps"], torch.cat(embeds),
+                                  None if pooled[0] is None else torch.cat(pooled))
     policy.pipe.scheduler.set_timesteps(args.num_steps, device=policy.pipe.device)  # the DDIM step needs the grid
     saved = round_config(args.labels)
     sampled_with, now = numerics(saved["device"], saved["mixed_precision"]), numerics(args.device, args.mixed_precision)

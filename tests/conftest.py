@@ -53,3 +53,10 @@ def distinct_reward(tmp_path, monkeypatch):
         "def brightness(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "distinct_reward:brightness"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny random Stable Diffusion 3 pipeline directory (a flow model: transformer, FlowMatchEuler scheduler)."""
+    from tiny_pipeline import make_tiny_sd3_pipeline
+    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))

@@ -21,7 +21,7 @@ from conftest import ROOT
 
 MODULES = {"ddpo": ddpo, "d3po": d3po, "prdp": prdp}
 SHARED_FLAGS = ["model", "prompt_file", "reward", "output_dir", "num_epochs", "seed", "resolution", "num_steps", "eta",
-                "guidance_scale", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
+                "noise_level", "guidance_scale", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
                 "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm", "lora_rank",
                 "lora_targets", "mixed_precision", "gradient_checkpointing", "tensorboard", "device", "process_timeout",
                 "resume"]
@@ -239,7 +239,8 @@ def test_the_policy_is_single_process():
 
 
 def test_common_is_small_and_the_shapes_world_lives_in_its_room():
-    assert len(open(os.path.join(ROOT, "common.py")).read().splitlines()) <= 350
+    # 350 for the DDIM policy; 100 more since the flow step and Stable Diffusion 3's loading and guidance (issue 34)
+    assert len(open(os.path.join(ROOT, "common.py")).read().splitlines()) <= 450
     for path in ("common.py", "plumbing/rewards.py", "plumbing/bookkeeping.py", "plumbing/human_feedback.py", "ddpo.py",
                  "d3po.py", "prdp.py",
                  os.path.join("benchmarks", "shapes.py"), os.path.join("toy_model", "make.py"),
