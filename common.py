@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_model")  # --model toy
+MODELS = {"toy": TOY_MODEL, "flow-toy": os.path.join(TOY_MODEL, "flow")}  # the shipped toy models by --model name
 
 
 class UserError(Exception):
@@ -145,7 +146,8 @@ def encode_prompts(pipe, prompts, pooled=False):
     with torch.no_grad():
         if hasattr(pipe, "transformer"):  # SD3: two CLIP encoders (sequence and pooled) and T5 (sequence)
             embeds, _, pooled_embeds, _ = pipe.encode_prompt(prompts, None, None, device=pipe.text_encoder.device,
-                                                             do_classifier_free_guidance=False)
+                                                             do_classifier_free_guidance=False,
+                                                             max_sequence_length=pipe.max_sequence_length)
         else:
             ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
@@ -294,7 +296,8 @@ def resolve_precision(mixed_precision, device):
 # the UNet layers that get LoRA adapters, by --lora-targets (peft's target_modules). attention: every attention
 # projection, as diffusers' LoRA examples do (the add_ ones: the prompt's side of SD3's joint attention);
 # cross-attention: only attn2's, where the prompt enters the UNet.
-LORA_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+LORA_TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                              "to_add_out"],
                 "cross-attention": r".*attn2\.(to_[qkv]|to_out\.0)"}
 
 
@@ -314,7 +317,7 @@ def check_flow_model(pipe, lora_targets):
 
 
 def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=None, seed=0, start_from=None,
-                  reference=False, lora_targets="attention", gradient_checkpointing=False):
+                  reference=False, lora_targets="attention", gradient_checkpointing=False, max_sequence_length=256):
     """Load a Stable Diffusion pipeline for fine-tuning: (pipe, trainable_params, autocast factory of the UNet).
 
     VAE and text encoder are frozen (in the half dtype under mixed precision). LoRA (lora_rank > 0) on the layers
@@ -325,7 +328,7 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
     """
     from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
     device, half = torch.device(device), resolve_precision(mixed_precision, device)
-    model = TOY_MODEL if model == "toy" else model
+    model = MODELS.get(model, model)
     if not os.path.isdir(model) and not (model.count("/") == 1 and not model.startswith((".", "/", "~"))):
         raise UserError(f"model directory {model!r} does not exist (give a local diffusers directory or a hub id).")
     try:
@@ -342,7 +345,7 @@ def load_pipeline(model, device, mixed_precision="no", lora_rank=4, resolution=N
                         f"download it once, or pass a local diffusers directory with --model.")
     if hasattr(pipe, "transformer"):  # SD3: its transformer is the network that trains, pipe.unet here as in SD
         check_flow_model(pipe, lora_targets)
-        pipe.unet = pipe.transformer
+        pipe.unet, pipe.max_sequence_length = pipe.transformer, max_sequence_length
     else:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if start_from:
@@ -376,9 +379,10 @@ def load_policy(args, reference=False):
     """The pipeline as args configure it, as a Policy, and its trainable parameters."""
     pipe, params, autocast = load_pipeline(args.model, args.device, args.mixed_precision, args.lora_rank,
                                            args.resolution, args.seed, getattr(args, "start_from", None), reference,
-                                           args.lora_targets, getattr(args, "gradient_checkpointing", False))
+                                           args.lora_targets, getattr(args, "gradient_checkpointing", False),
+                                           getattr(args, "max_sequence_length", 256))  # runs older than SD3's
     negative_embeds, negative_pooled = encode_prompts(pipe, [""], pooled=True)
-    noise = args.noise_level if hasattr(pipe, "transformer") else args.eta  # the step's noise: Flow-GRPO's a, or eta
+    noise = getattr(args, "noise_level", 0.7) if hasattr(pipe, "transformer") else args.eta  # Flow-GRPO's a, or eta
     return Policy(pipe, negative_embeds, args.num_steps, args.guidance_scale, noise, autocast, negative_pooled), params
 
 

@@ -35,8 +35,10 @@ class Args:
     resolution: int = arg(512, "image size in pixels, a multiple of 8 (SD v1.5 at 512, as in the papers)")
     num_steps: int = arg(20, "DDIM steps T (D3PO reference code: 20)")
     eta: float = arg(1.0, "DDIM stochasticity, in (0, 1] (the papers: 1.0, the DDPM posterior variance)")
-    noise_level: float = arg(0.7, "a flow model's (SD3) step noise a, sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO paper: 0.7)",
-                             within="(0, inf)")
+    noise_level: float = arg(0.7, "a flow model's (SD3) step noise a, sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO "
+                             "paper: 0.7)", within="(0, inf)")
+    max_sequence_length: int = arg(256, "a flow model's (SD3) T5 prompt tokens, zeros without T5 (diffusers' SD3 "
+                                   "pipeline: 256; Flow-GRPO paper's code: 128)", within="[1, inf)")
     guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (the papers: 5.0)")
     sample_batch_size: int = arg(20, "images per sampling batch (D3PO reference code: 10 pairs per GPU)")
     sample_batches_per_epoch: int = arg(2, "sampling batches per epoch (D3PO reference code: 2)")
@@ -78,6 +80,7 @@ PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
     gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=0)}
+PRESETS["flow-toy"] = dict(PRESETS["toy"], max_sequence_length=8)  # the same world learned as a flow, docs/flow.md
 
 
 # ALGO LOGIC: which image of each pair is preferred, by Pareto dominance over k rewards (or people's mean scores)

@@ -35,8 +35,10 @@ class Args:
     resolution: int = arg(512, "image size in pixels, a multiple of 8 (SD v1.5 at 512, as in the papers)")
     num_steps: int = arg(50, "DDIM steps T (DDPO reference base config, PRDP setup: 50)")
     eta: float = arg(1.0, "DDIM stochasticity, in (0, 1] (the papers: 1.0, the DDPM posterior variance)")
-    noise_level: float = arg(0.7, "a flow model's (SD3) step noise a, sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO paper: 0.7)",
-                             within="(0, inf)")
+    noise_level: float = arg(0.7, "a flow model's (SD3) step noise a, sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO "
+                             "paper: 0.7)", within="(0, inf)")
+    max_sequence_length: int = arg(256, "a flow model's (SD3) T5 prompt tokens, zeros without T5 (diffusers' SD3 "
+                                   "pipeline: 256; Flow-GRPO paper's code: 128)", within="[1, inf)")
     guidance_scale: float = arg(5.0, "classifier-free guidance w, at sampling and training (the papers: 5.0)")
     sample_batch_size: int = arg(8, "images per sampling batch (DDPO reference dgx configs: 8 per GPU)")
     sample_batches_per_epoch: int = arg(4, "sampling batches per epoch (DDPO reference dgx configs: 4)")
@@ -78,6 +80,7 @@ PRESETS = {"toy": dict(
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
     gradient_accumulation_steps=2, learning_rate=2.5e-4, lora_rank=0, per_prompt_min_count=4, inner_epochs=2,
     timestep_fraction=0.5, clip_range=0.2)}
+PRESETS["flow-toy"] = dict(PRESETS["toy"], max_sequence_length=8)  # the same world learned as a flow, docs/flow.md
 
 
 # ALGO LOGIC: advantages, the rewards normalised per prompt (reference code's PerPromptStatTracker)

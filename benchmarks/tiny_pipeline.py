@@ -48,7 +48,8 @@ def make_tiny_sd3_pipeline(path, resolution=32, seed=0):
     transformer (joint attention, pooled projections) on 4 x res/2 x res/2 latents, two CLIP text encoders with
     projections (their pooled outputs side by side are the transformer's pooled input), no T5 (SD3's pipeline then
     pads with zeros, as it allows), a VAE with SD3's shift and scaling factors, and SD3's flow-matching scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

@@ -23,7 +23,8 @@ from common import UserError
 LABEL_HELP = ("a JSON list with one entry per prompt, in the order of the template: {\"prompt\": ..., "
               "\"scores\": [one number per image, higher is better]}")
 # the settings that define a round's trajectories and its reference model; training on it must use them
-ROUND_SETTINGS = ("model", "start_from", "resolution", "num_steps", "eta", "guidance_scale", "images_per_prompt")
+ROUND_SETTINGS = ("model", "start_from", "resolution", "num_steps", "eta", "noise_level", "max_sequence_length",
+                  "guidance_scale", "images_per_prompt")
 ROUND_FILES = ("config.json", "prompts.txt", "trajectories.safetensors", "labels_template.json")
 ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # with RESERVED refused: a safe file name on every system
 RESERVED = {"con", "prn", "aux", "nul", *(f"{port}{i}" for port in ("com", "lpt") for i in range(10))}  # Windows
@@ -169,6 +170,7 @@ def adopt_round_settings(args):
     says which flags it replaced. (The round's directory is never written: it is a round, so bookkeeping refuses it
     as the --output-dir of a training run.)"""
     saved = round_config(args.labels)
+    saved = {name: saved.get(name, getattr(args, name)) for name in ROUND_SETTINGS}  # a round older than a setting
     args.prompt_file = os.path.join(args.labels, "prompts.txt")
     changed = [f"--{n.replace('_', '-')} {saved[n]}" for n in ROUND_SETTINGS if getattr(args, n) != saved[n]]
     if changed:

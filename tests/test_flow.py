@@ -103,7 +103,7 @@ def test_the_sde_keeps_the_odes_marginals_on_a_gaussian():
     assert float((x_sde - x_ode).abs().mean()) > 0.1  # the paths differ: the SDE is stochastic, its marginals not
 
 
-# ---- The three scripts on a tiny Stable Diffusion 3 pipeline ----------------------------------------------------------
+# ---- The three scripts on a tiny Stable Diffusion 3 pipeline -------------------------------------------------------
 
 SCRIPTS = {"ddpo": ddpo, "d3po": d3po, "prdp": prdp}
 

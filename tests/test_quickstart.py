@@ -1,6 +1,6 @@
-"""The README's three quick starts, run exactly as written, and a check that each learns: the shape-area objective
-rises on evaluation noise held apart from training by at least 5 points and by more than twice the standard error of
-its change (the README gives the figures of seeds 0, 1 and 2)."""
+"""The README's quick starts (three on the toy model, three on the flow toy), run exactly as written, and a check
+that each learns: the shape-area objective rises on evaluation noise held apart from training by at least 5 points
+and by more than twice the standard error of its change (the README gives the figures of seeds 0, 1 and 2)."""
 import json
 import os
 import re
@@ -16,25 +16,28 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 SCRIPTS = ("ddpo", "d3po", "prdp")
+CASES = [(script, model) for model in ("toy", "flow-toy") for script in SCRIPTS]  # the DDIM toy, the flow toy
 IMAGES = 4  # a prompt, on held-apart noise; as the exercises' capstone measures
 
 
 def quickstart_commands():
-    """The `python X.py --model toy ...` lines of the README's quick-start section, by script."""
+    """The `python X.py --model toy ...` and `--model flow-toy` lines of the README's quick-start section, by
+    (script, model)."""
     with open(os.path.join(ROOT, "README.md")) as f:
         section = f.read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    lines = [line.strip() for line in section.splitlines() if re.match(r"python \w+\.py --model toy", line.strip())]
-    commands = {shlex.split(line)[1][:-3]: shlex.split(line.split("#")[0]) for line in lines}
-    assert sorted(commands) == sorted(SCRIPTS) and len(lines) == 3, "one quick-start command for each script"
+    lines = [line.strip() for line in section.splitlines()
+             if re.match(r"python \w+\.py --model (flow-)?toy ", line.strip())]
+    commands = {(shlex.split(line)[1][:-3], shlex.split(line)[3]): shlex.split(line.split("#")[0]) for line in lines}
+    assert sorted(commands) == sorted(CASES) and len(lines) == 6, "one quick-start command for each script and model"
     return commands
 
 
 BEFORE = {}  # the untrained model's measurement: the three presets sample alike, so it is measured once
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_readme_quickstart_runs_and_raises_the_objective(script, tmp_path):
-    command = quickstart_commands()[script]
+@pytest.mark.parametrize("script, model", CASES)
+def test_readme_quickstart_runs_and_raises_the_objective(script, model, tmp_path):
+    command = quickstart_commands()[script, model]
     result = subprocess.run([sys.executable, os.path.join(ROOT, command[1]), *command[2:]], cwd=tmp_path,
                             capture_output=True, text=True, timeout=1200, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,7 +48,7 @@ def test_readme_quickstart_runs_and_raises_the_objective(script, tmp_path):
         rewards = [json.loads(line)["reward_mean"] for line in f]
     args = bookkeeping.parse_args(__import__(script).Args, ["--resume", str(tmp_path / run_dir)])
     prompts = bookkeeping.load_prompts(args.prompt_file)
-    key = (args.num_steps, args.guidance_scale, args.eta, args.resolution, tuple(prompts))
+    key = (args.model, args.num_steps, args.guidance_scale, args.eta, args.resolution, tuple(prompts))
     if key not in BEFORE:
         BEFORE[key] = shapes.measure(shapes.load_trained(args), args, prompts, IMAGES)[0]
     before = BEFORE[key]

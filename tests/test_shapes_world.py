@@ -128,3 +128,25 @@ def test_correct_counts_the_named_attributes_drawn_right():
     got = shapes_world.shapes_correct(images.repeat(4, 1, 1, 1), prompts)
     np.testing.assert_allclose(got, [1, 2 / 3, 1 / 3, 0], atol=1e-6)
     assert rewards.get_reward_fn("shapes_correct") is shapes_world.shapes_correct
+
+
+def test_flow_toy_maker_smoke(tmp_path):
+    """A few steps of the flow toy's maker; the saved directory loads as Stable Diffusion 3 does, here and in plain
+    diffusers, and its policy takes the flow SDE's step."""
+    from diffusers import StableDiffusion3Pipeline
+    from toy_model import make_flow
+    out = tmp_path / "flow"
+    threads = torch.get_num_threads()
+    make_flow.main(["--output", str(out), "--steps", "2", "--eval-every", "0", "--batch-size", "4"])
+    assert torch.get_num_threads() == threads
+    pipe, _, _ = common.load_pipeline(str(out), "cpu", "no", lora_rank=4,
+                                      max_sequence_length=make_flow.MAX_SEQUENCE_LENGTH)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.resolution == 32
+    negative, negative_pooled = common.encode_prompts(pipe, [""], pooled=True)
+    assert negative.shape[1] == pipe.tokenizer.model_max_length + make_flow.MAX_SEQUENCE_LENGTH  # CLIP's, then T5's zeros
+    policy = common.Policy(pipe, negative, 3, 5.0, 0.7, negative_pooled=negative_pooled)
+    assert common.evaluate(policy, ["a small red circle"], 0).shape == (1, 3, 32, 32)
+    plain = StableDiffusion3Pipeline.from_pretrained(str(out), text_encoder_3=None, tokenizer_3=None)
+    image = plain("a small red circle", num_inference_steps=2, height=32, width=32, output_type="pt",
+                  max_sequence_length=make_flow.MAX_SEQUENCE_LENGTH).images
+    assert image.shape == (1, 3, 32, 32)

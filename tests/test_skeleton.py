@@ -21,7 +21,7 @@ from conftest import ROOT
 
 MODULES = {"ddpo": ddpo, "d3po": d3po, "prdp": prdp}
 SHARED_FLAGS = ["model", "prompt_file", "reward", "output_dir", "num_epochs", "seed", "resolution", "num_steps", "eta",
-                "noise_level", "guidance_scale", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
+                "noise_level", "max_sequence_length", "guidance_scale", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
                 "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm", "lora_rank",
                 "lora_targets", "mixed_precision", "gradient_checkpointing", "tensorboard", "device", "process_timeout",
                 "resume"]
@@ -87,8 +87,9 @@ def allowed_lines(path):
     for node in ast.parse(source).body:
         span = range(node.lineno - len(getattr(node, "decorator_list", [])), node.end_lineno + 1)
         comment = lines[span[0] - 2] if span[0] >= 2 else ""
+        target = node.targets[0] if isinstance(node, ast.Assign) else None  # PRESETS = ..., or PRESETS[name] = ...
         if isinstance(node, ast.ClassDef) and node.name == "Args" or (
-                isinstance(node, ast.Assign) and node.targets[0].id == "PRESETS"):
+                getattr(getattr(target, "value", target), "id", None) == "PRESETS"):
             allowed.update(span)
         elif comment.startswith("# ALGO LOGIC"):
             allowed.update(span, [span[0] - 1])
