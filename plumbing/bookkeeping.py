@@ -514,17 +514,21 @@ def save_weights(pipe, output_dir):
     final = os.path.join(output_dir, "lora" if lora else "unet")
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-        layers = get_peft_model_state_dict(pipe.unet)
-        if hasattr(pipe, "transformer"):  # SD3 loads peft's names as they are (converted, half of them are lost)
-            type(pipe).save_lora_weights(tmp, transformer_lora_layers=layers, safe_serialization=True)
+    try:
+        if lora:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+            layers = get_peft_model_state_dict(pipe.unet)
+            if hasattr(pipe, "transformer"):  # SD3 loads peft's names as they are (converted, half are lost)
+                type(pipe).save_lora_weights(tmp, transformer_lora_layers=layers, safe_serialization=True)
+            else:
+                type(pipe).save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                             safe_serialization=True)
         else:
-            type(pipe).save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(layers),
-                                         safe_serialization=True)
-    else:
-        pipe.unet.save_pretrained(tmp, safe_serialization=True)
+            pipe.unet.save_pretrained(tmp, safe_serialization=True)
+    except BaseException:  # Ctrl-C, or a budget's alarm, while writing: the old directory stays, the half-new goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(final):
         os.replace(final, old)
     os.replace(tmp, final)

@@ -263,3 +263,22 @@ def test_ctrl_c_while_the_libraries_load_ends_in_one_line(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted"
     assert process.returncode != 0 and not (tmp_path / "run").exists()
+
+
+def test_weights_interrupted_while_written_leave_the_old_ones_and_no_half_new_directory(tiny_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Ctrl-C (or a benchmark's time budget) during save_weights: the previous unet/ is whole and unet.tmp is gone at
+    once, not left for the next run's clean-up (a budgeted benchmark run once left one)."""
+    from plumbing import bookkeeping
+    pipe, _, _ = common.load_pipeline(tiny_dir, "cpu", "no", lora_rank=0)
+    bookkeeping.save_weights(pipe, str(tmp_path))
+    before = sorted(os.listdir(tmp_path / "unet"))
+    write = pipe.unet.save_pretrained
+
+    def interrupted(path, **kwargs):
+        write(path, **kwargs)  # the new directory written in full, then the interruption
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipe.unet, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bookkeeping.save_weights(pipe, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["unet"] and sorted(os.listdir(tmp_path / "unet")) == before
