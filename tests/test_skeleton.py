@@ -145,7 +145,7 @@ def test_the_budget_check_sees_a_stray_change(tmp_path):
 
 def test_toy_presets_share_the_world_the_objective_and_the_budget():
     """One task for three algorithms: the same prompts, reward, sampling, samples an epoch, parameters and epochs.
-    How an epoch's samples are cut into optimiser steps is each algorithm's own (tests/test_mechanisms.py)."""
+    How an epoch's samples are cut into optimiser steps is each algorithm's own (tests/test_quickstart.py checks that the toy presets' mechanisms act)."""
     shared = dict(prompt_file="tutorials/shapes.txt", reward="shape_area", resolution=32, num_steps=10,
                   guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
                   lora_rank=0, num_epochs=30)
