@@ -22,9 +22,9 @@ def code_cells(path):
     return [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
 
 
-def test_the_five_notebooks_are_in_the_reading_order_of_tutorials_readme():
+def test_the_six_notebooks_are_in_the_reading_order_of_tutorials_readme():
     names = [os.path.basename(p) for p in NOTEBOOKS]
-    assert len(names) == 5, names
+    assert len(names) == 6, names
     with open(os.path.join(ROOT, "tutorials", "README.md")) as f:
         readme = f.read()
     assert sorted(names, key=readme.find) == names and all(readme.find(n) >= 0 for n in names)

@@ -1,4 +1,4 @@
-"""Run the five notebooks in full mode, each in a fresh kernel, and keep the executed copies, with their figures and
+"""Run the six notebooks in full mode, each in a fresh kernel, and keep the executed copies, with their figures and
 numbers, under docs/tutorials/ for reading without running (on GitHub, for example):
 
     python tutorials/execute.py                      # all five, about a quarter of an hour on two CPU cores
@@ -56,7 +56,7 @@ def execute(name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("notebooks", nargs="*", help="names in tutorials/ (default: all five)")
+    parser.add_argument("notebooks", nargs="*", help="names in tutorials/ (default: all six)")
     names = parser.parse_args(argv).notebooks
     names = names or sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "0*.ipynb")))
     for name in names:
