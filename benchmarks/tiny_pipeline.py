@@ -2,14 +2,17 @@
 
 Same architecture family and file layout as SD v1.5, so the real loading code runs: a two-block UNet with
 cross-attention in the lower block, a two-block VAE (latents 4 x res/2 x res/2), a two-layer CLIP text encoder,
-a CLIP byte-pair tokenizer whose merges spell whole words, and SD's DDIM scheduler configuration.
+a CLIP byte-pair tokenizer whose merges spell whole words, and SD's DDIM scheduler configuration. Beside it
+make_tiny_sd3_pipeline, a tiny Stable Diffusion 3 pipeline (a flow model) built the same way.
 """
 import os
+import sys
 import tempfile
 
 import torch
 
-from toy_model.make import write_tokenizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for python benchmarks/tiny_pipeline.py
+from toy_model.make import write_tokenizer  # noqa: E402
 
 WORDS = ["a", "photo", "of", "cat", "dog", "horse", "red", "blue", "circle", "square"]
 
@@ -143,5 +146,4 @@ def open_clip_state(vocab, context, width, layers, image_size, patch, embed_dim)
 
 
 if __name__ == "__main__":
-    import sys
     print(make_tiny_pipeline(sys.argv[1] if len(sys.argv) > 1 else "tiny-sd"))
