@@ -80,7 +80,7 @@ PRESETS = {"toy": dict(
     prompt_file="tutorials/shapes.txt", reward="shape_area", num_epochs=30, resolution=32, num_steps=10,
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
     gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=0)}
-# the same world learned as a flow (docs/flow.md); DDPO and PRDP clip tighter there: its steps' ratios move less
+# the same world learned as a flow (docs/flow.md; the README's flow commands give DDPO and PRDP tighter clips)
 PRESETS["flow-toy"] = dict(PRESETS["toy"], max_sequence_length=8)
 
 

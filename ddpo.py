@@ -80,8 +80,8 @@ PRESETS = {"toy": dict(
     guidance_scale=1.0, sample_batch_size=32, sample_batches_per_epoch=2, train_batch_size=32,
     gradient_accumulation_steps=2, learning_rate=2.5e-4, lora_rank=0, per_prompt_min_count=4, inner_epochs=2,
     timestep_fraction=0.5, clip_range=0.2)}
-# the same world learned as a flow (docs/flow.md); DDPO and PRDP clip tighter there: its steps' ratios move less
-PRESETS["flow-toy"] = dict(PRESETS["toy"], max_sequence_length=8, clip_range=0.005)
+# the same world learned as a flow (docs/flow.md; the README's flow commands give DDPO and PRDP tighter clips)
+PRESETS["flow-toy"] = dict(PRESETS["toy"], max_sequence_length=8)
 
 
 # ALGO LOGIC: advantages, the rewards normalised per prompt (reference code's PerPromptStatTracker)

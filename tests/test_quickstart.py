@@ -68,7 +68,7 @@ def mechanisms_act(script, args, run_dir):
     an epoch's samples, so its importance ratio pi_theta / pi_old leaves 1 and its clip catches some steps; PRDP takes
     K >= 2 proximal steps an epoch, so some steps' log-ratios move further than eps from theta_old's and are clipped.
     With one optimiser step an epoch (the presets until 2026-12-06) the ratio is exactly 1 while an epoch trains and
-    both clips log 0. Checked on the quick start's first epoch (seed 0), on both toys (the flow toy's presets clip
+    both clips log 0. Checked on the quick start's first epoch (seed 0), on both toys (the flow toy's commands clip
     tighter: its steps' log-probs move less per update, and with the DDIM toy's clips nothing was caught)."""
     images = args.sample_batch_size * args.sample_batches_per_epoch
     if script == "ddpo":
