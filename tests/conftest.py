@@ -16,6 +16,20 @@ from tiny_pipeline import make_tiny_pipeline  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes of training, or several processes; leave out with -m 'not slow'")
+    config.addinivalue_line("markers", "long: the DDIM toy's quick starts, minutes each; run only with --long")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", help="also run the tests marked long (the DDIM toy's quick "
+                     "starts, about five minutes more on two cores); CI leaves them out")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--long"):
+        skip = pytest.mark.skip(reason="the DDIM toy's quick starts run with --long (tests/test_quickstart.py)")
+        for item in items:
+            if "long" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The benchmarks' own machinery: benchmarks/shapes.py (flags, prompts, a run stopped at its wall-clock budget) and
 benchmarks/compare.py (its KL estimate against the Gaussian steps' closed form, its table and figure). That each
-toy preset learns is checked by tests/test_quickstart.py, which runs the README's three quick starts."""
+toy preset learns is checked by tests/test_quickstart.py, which runs the README's quick starts (the DDIM toy's
+with --long)."""
 import dataclasses
 import json
 import os
