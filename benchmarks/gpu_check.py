@@ -11,8 +11,8 @@
 2. The log-prob drift: the policy samples 4 images in one batch and stores each step's log-prob; the same policy,
    before any update, recomputes them in training batches of 2, as the scripts do. Their difference is the
    log-ratio log pi_theta / pi_old that DDPO's and PRDP's clips see at an epoch's first step, and that D3PO sees
-   against its reference: it should be 0. Measured in float32, fp16 and bf16 autocast; its largest |value| is set
-   beside DDPO's clip range (1e-4, per element), PRDP's eps (Table 4: 1e-6) and D3PO's ratio clamp (0.1).
+   against its reference: it should be 0. Measured in float32, fp16 and bf16 autocast (one more process for the
+   three); its largest |value| is set beside DDPO's clip range (1e-4, per element), PRDP's eps (Table 4: 1e-6) and D3PO's ratio clamp (0.1).
 3. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
    versions, and the tables. ddpo-pytorch reports about 0.22 trajectories per second per A100 and 10-16 GB at
    512 px with LoRA; the table says so beside ours.
@@ -56,17 +56,24 @@ def drift(model, device, precision, steps, resolution):
     return {"precision": precision, "max_abs_log_ratio": worst}
 
 
-def child(job):
-    print("RESULT " + json.dumps(drift(**job)), flush=True)
+def child(jobs):
+    """The drift checks, one process for all precisions (each start costs an import of torch and a model load); a
+    precision that fails is reported as such and the next one still runs."""
+    for job in jobs:
+        try:
+            result = drift(**job)
+        except Exception as e:
+            result = {"precision": job["precision"], "error": f"{type(e).__name__}: {e}"[:200]}
+        print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_drift(job):
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)],
+def run_drift(jobs):
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(jobs)],
                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode or not lines:
-        return {"precision": job["precision"], "error": (result.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(lines[-1][len("RESULT "):])
+    done = {r["precision"]: r for r in (json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines()
+                                        if line.startswith("RESULT "))}
+    crash = (result.stderr.strip().splitlines() or ["?"])[-1][:200]  # for those the process died before
+    return [done.get(job["precision"], {"precision": job["precision"], "error": crash}) for job in jobs]
 
 
 def versions():
@@ -138,8 +145,8 @@ def main():
         row["trajectories_per_s"] = IMAGES[script] / row["epoch_s"]
         epochs.append(row)
     print("log-prob drift ...", flush=True)
-    drifts = [run_drift(dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
-                             resolution=resolution)) for p in precisions]
+    drifts = run_drift([dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
+                             resolution=resolution) for p in precisions])
     report = {"date": datetime.date.today().isoformat(),
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU (reduced mode)",
               "versions": versions(), "epochs": epochs, "drift": drifts,

@@ -9,9 +9,8 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # four one-epoch runs and two drift checks, each its own process
 
-
+@pytest.mark.slow  # four one-epoch runs, each its own process, and the drift checks in one more
 def test_the_reduced_gpu_check_runs_every_part_and_writes_json_and_markdown(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--reduced",
                            "--results", str(tmp_path)], capture_output=True, text=True, timeout=900,
@@ -27,3 +26,12 @@ def test_the_reduced_gpu_check_runs_every_part_and_writes_json_and_markdown(tmp_
     assert drift["bf16"]["max_abs_log_ratio"] < 1  # finite; its size is what a GPU run reports
     text = (tmp_path / "gpu_check_reduced.md").read_text()
     assert "trajectories/s" in text and "within DDPO clip range" in text and report["versions"]["torch"] in text
+
+
+def test_a_drift_check_that_fails_is_reported_and_the_next_one_still_runs(tmp_path, capsys):
+    import gpu_check  # benchmarks/ is on the path (conftest.py)
+    jobs = [dict(model=str(tmp_path / "no-such-model"), device="cpu", precision=p, steps=2, resolution=32)
+            for p in ("fp16", "bf16")]
+    gpu_check.child(jobs)
+    results = [json.loads(line[len("RESULT "):]) for line in capsys.readouterr().out.splitlines()]
+    assert [r["precision"] for r in results] == ["fp16", "bf16"] and all(r["error"] for r in results), results
