@@ -12,7 +12,8 @@
    before any update, recomputes them in training batches of 2, as the scripts do. Their difference is the
    log-ratio log pi_theta / pi_old that DDPO's and PRDP's clips see at an epoch's first step, and that D3PO sees
    against its reference: it should be 0. Measured in float32, fp16 and bf16 autocast (one more process for the
-   three); its largest |value| is set beside DDPO's clip range (1e-4, per element), PRDP's eps (Table 4: 1e-6) and D3PO's ratio clamp (0.1).
+   three); its largest |value| is set beside DDPO's clip range (1e-4, per element), PRDP's eps (Table 4: 1e-6)
+   and D3PO's ratio clamp (0.1).
 3. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
    versions, and the tables. ddpo-pytorch reports about 0.22 trajectories per second per A100 and 10-16 GB at
    512 px with LoRA; the table says so beside ours.
