@@ -340,6 +340,7 @@ def epoch_metrics(epoch, rewards, info, sample_timer, train_timer, reward=""):
     (n,), or (n, k) for k comma-separated rewards, the first of which is the reward_mean, or None), the mean of
     each quantity logged in `info` (NaN where nothing was trained; under torchrun, every process's values), and
     the seconds of each phase."""
+    info = {k: [float(x) for x in v] for k, v in info.items()}  # read now: the GPU has finished the epoch's work
     info = {k: sum((each[k] for each in distributed.gather_objects(info)), []) for k in info}
     row = {"epoch": epoch}
     if rewards is not None:
@@ -359,9 +360,11 @@ def epoch_metrics(epoch, rewards, info, sample_timer, train_timer, reward=""):
 
 
 def log_info(info, **values):
-    """Append each value (a number or a one-element tensor) to the list of its name in `info`."""
+    """Append each value (a number, or a one-element tensor left where it is) to the list of its name in `info`.
+    A tensor is read at the epoch's end (epoch_metrics), not here: reading a CUDA tensor waits for the GPU, and
+    once a training call would leave the GPU idle while Python prepares the next call."""
     for key, value in values.items():
-        info.setdefault(key, []).append(float(value.detach() if torch.is_tensor(value) else value))
+        info.setdefault(key, []).append(value.detach() if torch.is_tensor(value) else value)
 
 
 def append_metrics(output_dir, row):

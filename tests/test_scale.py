@@ -182,3 +182,13 @@ def test_an_epochs_trajectories_are_freed_before_the_next_epoch_samples(tiny_dir
          "--resolution", "32", "--num-steps", "2", "--sample-batches-per-epoch", "1", "--gradient-accumulation-steps",
          "1", "--device", "cpu", *own])
     assert alive == [0, 0, 0]
+
+
+def test_logged_tensors_are_read_at_the_epochs_end_not_in_the_training_loop():
+    """Reading a CUDA tensor as a number waits for the GPU: the loop keeps the tensors, epoch_metrics reads them."""
+    info, timer = {}, SimpleNamespace(seconds=1.0)
+    bookkeeping.log_info(info, loss=torch.tensor(2.0, requires_grad=True) * 1, pairs=3)
+    bookkeeping.log_info(info, loss=torch.tensor(4.0), pairs=5)
+    assert all(torch.is_tensor(x) and not x.requires_grad for x in info["loss"]), info
+    row = bookkeeping.epoch_metrics(0, None, info, timer, timer)
+    assert row["loss"] == 3.0 and row["pairs"] == 4.0 and isinstance(row["loss"], float)
