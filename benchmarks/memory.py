@@ -197,6 +197,8 @@ def main():
     parser.add_argument("--samples", type=int, help="DDPO only: this many samples an epoch in batches of 8, "
                                                     "training batches of 4, 2 accumulated (DDPO's reference)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs a run (times are the mean epoch's)")
+    parser.add_argument("--repeat", type=int, default=1, help="run every job this many times, in turn (ours, TRL, "
+                        "ours, TRL, ...): the ratios pair each run with its neighbour, and their spread is printed")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -241,26 +243,33 @@ def main():
                         script="trl", model=model, output_dir=out + "-trl", steps=steps, device=opts.device,
                         epochs=opts.epochs, gradient_checkpointing=gc, batches=trl_batches, returned=returned)))
     rows = []
-    for python, job in jobs:
+    for k, (python, job) in enumerate(jobs * opts.repeat):  # in turn, so that a drift in speed falls on both
+        out = f"{job['output_dir']}-{k}"  # each run its own output directory
+        job = dict(job, output_dir=out, argv=[out if a == job["output_dir"] else a for a in job.get("argv", [])])
         print(f"running {job['label']} ...", flush=True)
         rows.append({"label": job["label"]} | run_child(python, job))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    ours = {r["label"]: r for r in rows}
+    runs = {}  # label -> its rows, in order
+    for r in rows:
+        runs.setdefault(r["label"], []).append(r)
     text = [f"{'one epoch at SD v1.5' if opts.model is None else opts.model}, {size or 'its own'} px, LoRA rank 4, "
             f"{opts.device}, {time.strftime('%Y-%m-%d')}: {' '.join(sys.argv[1:])}", table(rows)]
+
+    def ratio(mine, theirs, key):  # each run of ours over the run of theirs beside it; the median and the range
+        values = sorted(m[key] / t[key] for m, t in zip(runs[mine], runs[theirs]))
+        spread = f" (from {values[0]:.2f} to {values[-1]:.2f}, {len(values)} pairs)" if len(values) > 1 else ""
+        return f"{values[len(values) // 2]:.2f}{spread}"
     for gc in checkpointing:
         suffix = " +checkpointing" * gc
-        mine = ours.get(f"ddpo.py{suffix}")
         for returned in ("", " +returned"):
-            trl = ours.get(f"TRL 0.23.1 DDPOTrainer{suffix}{returned}")
-            if trl and mine:
+            trl = f"TRL 0.23.1 DDPOTrainer{suffix}{returned}"
+            if trl in runs and f"ddpo.py{suffix}" in runs:
                 text.append(f"ddpo.py{suffix} / TRL{suffix}{returned}: peak RSS "
-                            f"{mine['peak_rss_gib'] / trl['peak_rss_gib']:.2f}, "
-                            f"epoch time {mine['epoch_s'] / trl['epoch_s']:.2f}")
-    if opts.trl_python and len(checkpointing) == 2 and "ddpo.py +checkpointing" in ours:
-        trl = ours["TRL 0.23.1 DDPOTrainer"]
+                            f"{ratio(f'ddpo.py{suffix}', trl, 'peak_rss_gib')}, "
+                            f"epoch time {ratio(f'ddpo.py{suffix}', trl, 'epoch_s')}")
+    if opts.trl_python and len(checkpointing) == 2 and "ddpo.py +checkpointing" in runs:
         text.append(f"ddpo.py +checkpointing / TRL: peak RSS "
-                    f"{ours['ddpo.py +checkpointing']['peak_rss_gib'] / trl['peak_rss_gib']:.2f}")
+                    f"{ratio('ddpo.py +checkpointing', 'TRL 0.23.1 DDPOTrainer', 'peak_rss_gib')}")
     print("\n" + "\n".join(text))
     os.makedirs(opts.results, exist_ok=True)
     name = (f"memory_{'tiny_' * (opts.model == 'tiny')}{opts.device}_{'_'.join(opts.scripts)}"
