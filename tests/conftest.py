@@ -21,7 +21,7 @@ def pytest_configure(config):
 
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true", help="also run the tests marked long (the DDIM toy's quick "
-                     "starts, about five minutes more on two cores); CI leaves them out")
+                     "starts, four minutes more on two cores); CI leaves them out")
 
 
 def pytest_collection_modifyitems(config, items):

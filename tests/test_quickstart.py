@@ -4,7 +4,7 @@ and by more than twice the standard error of its change (the README gives the fi
 
 CI runs the flow toy's three (20-60 s each on one core). The DDIM toy's three take 2 to 3.5 minutes each on one core,
 eight minutes of the two workers' time together, so they run only with --long
-(`python -m pytest -q -n 2 tests/test_quickstart.py --long`, about five minutes on two cores); in CI their presets'
+(`python -m pytest -q -n 2 tests/test_quickstart.py --long`: the file in 7.5 minutes on two cores); in CI their presets'
 mechanisms are checked on one epoch each instead (test_the_ddim_toy_presets_clips_act_in_their_first_epoch), and
 D3PO's learning on that toy by the exercises' capstone."""
 import json
