@@ -12,7 +12,8 @@ smaller), built from configs and saved once into --cache. Each run is its own pr
 own: one epoch of LoRA rank 4, one sample a sampling batch (D3PO: one pair; PRDP: one prompt's two images, UNet
 batches of one in training), a training batch of one, 512 px, the JPEG-compressibility reward; 4 denoising steps
 on the CPU, the papers' 50 (DDPO, PRDP) or 20 (D3PO) on a GPU. It prints the peak resident memory of the process
-(and CUDA's peak allocated and reserved memory), and the seconds of sampling, reference log-probs and training;
+(and CUDA's peak allocated and reserved memory), and the seconds of sampling, reference log-probs and training
+(the median epoch after the first, with --epochs over 1);
 an epoch's seconds also count writing its outputs (grid, metrics, curves, checkpoint), as TRL's count all it does.
 
 --trl-python runs Hugging Face TRL 0.23.1's DDPOTrainer (its last release with DDPO) on the same pipeline and
@@ -24,6 +25,7 @@ Ratios are meaningful only within one invocation (machines of one kind differ ab
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -88,15 +90,15 @@ def child_ours(job):
     from plumbing import bookkeeping
     import common
     module = importlib.import_module(job["script"])
-    reference, writing = [0.0], [0.0]
+    reference, writing = [], []  # seconds of each call
 
-    def timed(function, total):
+    def timed(function, times):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                total[0] += time.perf_counter() - start
+                times.append(time.perf_counter() - start)
         return wrapper
     common.reference_log_probs = timed(common.reference_log_probs, reference)
     bookkeeping.end_epoch = timed(bookkeeping.end_epoch, writing)  # the epoch's grid, metrics, curves, checkpoint
@@ -114,11 +116,19 @@ def child_ours(job):
         return out
     common.load_policy, common.sample_epoch = load_policy, sample_epoch
     module.main(job["argv"])
-    rows = bookkeeping.read_metrics(job["output_dir"])  # the mean epoch, the first one's warm-up included
-    sample, train = (sum(row[key] for row in rows) / len(rows) for key in ("sample_seconds", "train_seconds"))
-    return {"sampling_s": sample - reference[0] / len(rows), "reference_s": reference[0] / len(rows),
-            "training_s": train, "epoch_s": sample + train + writing[0] / len(rows), "rss_after_loading_gib": loaded[0],
-            "rss_after_sampling_gib": sampled[0]}
+    rows = bookkeeping.read_metrics(job["output_dir"])
+    epochs = [dict(sample=row["sample_seconds"], train=row["train_seconds"], write=write)
+              for row, write in zip(rows, writing)]
+    ref = sum(reference) / len(rows)  # reference log-probs are timed inside sampling: taken out of it, on average
+    return {"sampling_s": typical([e["sample"] for e in epochs]) - ref, "reference_s": ref,
+            "training_s": typical([e["train"] for e in epochs]),
+            "epoch_s": typical([e["sample"] + e["train"] + e["write"] for e in epochs]),
+            "rss_after_loading_gib": loaded[0], "rss_after_sampling_gib": sampled[0]}
+
+
+def typical(seconds):
+    """An epoch's seconds: the median of the epochs after the first (its warm-up apart), or the one epoch run."""
+    return statistics.median(seconds[1:] or seconds)
 
 
 def child_trl(job):
@@ -154,9 +164,12 @@ def child_trl(job):
     if job["gradient_checkpointing"]:
         pipeline.unet.enable_gradient_checkpointing()
     trainer = DDPOTrainer(config, compressibility, lambda: ("cat", {}), pipeline)
-    start = time.perf_counter()
-    trainer.train()
-    return {"epoch_s": (time.perf_counter() - start) / job.get("epochs", 1)}
+    seconds, global_step = [], 0
+    for epoch in range(config.num_epochs):  # what trainer.train() does, each epoch timed
+        start = time.perf_counter()
+        global_step = trainer.step(epoch, global_step)
+        seconds.append(time.perf_counter() - start)
+    return {"epoch_s": typical(seconds)}
 
 
 def run_child(python, job):
@@ -196,7 +209,8 @@ def main():
     parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on the CPU, the papers' on a GPU)")
     parser.add_argument("--samples", type=int, help="DDPO only: this many samples an epoch in batches of 8, "
                                                     "training batches of 4, 2 accumulated (DDPO's reference)")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs a run (times are the mean epoch's)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs a run (times: the median epoch after the "
+                        "first, whose warm-up is left out; with one epoch, that epoch)")
     parser.add_argument("--repeat", type=int, default=1, help="run every job this many times, in turn (ours, TRL, "
                         "ours, TRL, ...): the ratios pair each run with its neighbour, and their spread is printed")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
