@@ -14,7 +14,10 @@
    against its reference: it should be 0. Measured in float32, fp16 and bf16 autocast (one more process for the
    three); its largest |value| is set beside DDPO's clip range (1e-4, per element), PRDP's eps (Table 4: 1e-6)
    and D3PO's ratio clamp (0.1).
-3. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
+3. The host-device synchronisations of one DDPO epoch (10 steps), each counted at the project's line that asked for
+   it (torch.cuda.set_sync_debug_mode("warn")): a sync makes Python wait until the GPU's queue is empty, and one per
+   training call would show in the table as a multiple of the steps (docs/scale.md: the lead for a faster epoch).
+4. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
    versions, and the tables. ddpo-pytorch reports about 0.22 trajectories per second per A100 and 10-16 GB at
    512 px with LoRA; the table says so beside ours.
 """
@@ -57,24 +60,73 @@ def drift(model, device, precision, steps, resolution):
     return {"precision": precision, "max_abs_log_ratio": worst}
 
 
+SYNC = "called a synchronizing CUDA operation"  # torch's warning under torch.cuda.set_sync_debug_mode("warn")
+
+
+def count_syncs(run):
+    """Call run() and count the CUDA synchronisations it warns of, each at the innermost line of the project on the
+    stack (not benchmarks/, nor a library in a virtual environment inside it): [(line, count)], most first. Other
+    warnings are shown as usual."""
+    import collections
+    import traceback
+    import warnings
+    sites, show = collections.Counter(), warnings.showwarning
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        if SYNC not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        ours = [f for f in traceback.extract_stack() if f.filename.startswith(ROOT + os.sep) and "-packages" not in
+                f.filename and not f.filename.startswith(os.path.join(ROOT, "benchmarks") + os.sep)]  # not a venv's
+        sites[f"{os.path.relpath(ours[-1].filename, ROOT)}:{ours[-1].lineno} {ours[-1].line}" if ours
+              else f"{filename}:{lineno}"] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # every sync, not the first of each line
+        warnings.showwarning = note
+        run()
+    return sites.most_common()
+
+
+def syncs(model, device, steps, resolution):
+    """One DDPO epoch (memory.py's: one sample, a training batch of one) with its CUDA synchronisations counted; on a
+    CPU the same epoch runs with the counter in place and counts none."""
+    import tempfile
+
+    import torch
+    import ddpo
+    argv = ["--model", model, "--output-dir", tempfile.mkdtemp(prefix="gpu-check-syncs-"), "--num-epochs", "1",
+            "--num-steps", str(steps), "--lora-rank", "4", "--device", device, "--reward", "jpeg_compressibility",
+            "--resolution", str(resolution), *memory.FLAGS["ddpo"]]
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        sites = count_syncs(lambda: ddpo.main(argv))
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    return {"kind": "syncs", "steps": steps, "cuda": device == "cuda", "sites": sites}
+
+
 def child(jobs):
-    """The drift checks, one process for all precisions (each start costs an import of torch and a model load); a
-    precision that fails is reported as such and the next one still runs."""
+    """The drift checks and the sync count, one process for all (each start costs an import of torch and a model
+    load); a job that fails is reported as such and the next one still runs."""
     for job in jobs:
+        job = dict(job)
+        kind = job.pop("kind", "drift")
         try:
-            result = drift(**job)
+            result = (syncs if kind == "syncs" else drift)(**job)
         except Exception as e:
-            result = {"precision": job["precision"], "error": f"{type(e).__name__}: {e}"[:200]}
+            result = {"kind": kind, "precision": job.get("precision"), "error": f"{type(e).__name__}: {e}"[:200]}
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_drift(jobs):
+def run_children(jobs):
+    """child(jobs) in a process of its own: the results in the jobs' order, those it died before as errors."""
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(jobs)],
                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    done = {r["precision"]: r for r in (json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines()
-                                        if line.startswith("RESULT "))}
-    crash = (result.stderr.strip().splitlines() or ["?"])[-1][:200]  # for those the process died before
-    return [done.get(job["precision"], {"precision": job["precision"], "error": crash}) for job in jobs]
+    done = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    crash = (result.stderr.strip().splitlines() or ["?"])[-1][:200]
+    return done + [{"kind": job.get("kind", "drift"), "precision": job.get("precision"), "error": crash}
+                   for job in jobs[len(done):]]
 
 
 def versions():
@@ -107,6 +159,15 @@ def markdown(report):
             continue
         lines.append(f"| {d['precision']} | {d['max_abs_log_ratio']:.3g} | " + " | ".join(
             "yes" if d["max_abs_log_ratio"] <= v else "no" for v in CLIPS.values()) + " |")
+    counted = report["syncs"]
+    lines += ["", f"Host-device synchronisations in one DDPO epoch ({counted.get('steps')} steps: as many sampling "
+              "and training calls), at the project's line that asked for each:", ""]
+    if "error" in counted:
+        lines.append(f"failed: {counted['error']}")
+    elif not counted["cuda"]:
+        lines.append("not counted: no CUDA here (the epoch ran with the counter in place)")
+    else:
+        lines += ["| line | syncs |", "|---|---|"] + [f"| `{site}` | {n} |" for site, n in counted["sites"]]
     return "\n".join(lines) + "\n"
 
 
@@ -145,12 +206,14 @@ def main():
                                                                         output_dir=out, device=device))
         row["trajectories_per_s"] = IMAGES[script] / row["epoch_s"]
         epochs.append(row)
-    print("log-prob drift ...", flush=True)
-    drifts = run_drift([dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
-                             resolution=resolution) for p in precisions])
+    print("log-prob drift and syncs ...", flush=True)
+    *drifts, counted = run_children([dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
+                                          resolution=resolution) for p in precisions]
+                                    + [dict(kind="syncs", model=model, device=device, steps=2 if opts.reduced else 10,
+                                            resolution=resolution)])
     report = {"date": datetime.date.today().isoformat(),
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU (reduced mode)",
-              "versions": versions(), "epochs": epochs, "drift": drifts,
+              "versions": versions(), "epochs": epochs, "drift": drifts, "syncs": counted,
               "setting": (f"{'a tiny pipeline, 32 px, 2 steps, CPU' if opts.reduced else 'SD v1.5 size, 512 px, fp16'}"
                           f", LoRA rank 4, one sample a sampling batch (D3PO: a pair; PRDP: a prompt's two images)")}
     os.makedirs(opts.results, exist_ok=True)

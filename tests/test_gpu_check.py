@@ -24,8 +24,10 @@ def test_the_reduced_gpu_check_runs_every_part_and_writes_json_and_markdown(tmp_
     assert set(drift) == {"no", "bf16"} and all("error" not in d for d in drift.values()), drift
     assert drift["no"]["max_abs_log_ratio"] < 1e-4  # float32 on the CPU: the recomputed log-probs are the stored ones
     assert drift["bf16"]["max_abs_log_ratio"] < 1  # finite; its size is what a GPU run reports
+    assert report["syncs"] == {"kind": "syncs", "steps": 2, "cuda": False, "sites": []}, report["syncs"]  # ran
     text = (tmp_path / "gpu_check_reduced.md").read_text()
     assert "trajectories/s" in text and "within DDPO clip range" in text and report["versions"]["torch"] in text
+    assert "not counted: no CUDA here" in text
 
 
 def test_a_drift_check_that_fails_is_reported_and_the_next_one_still_runs(tmp_path, capsys):
@@ -35,3 +37,33 @@ def test_a_drift_check_that_fails_is_reported_and_the_next_one_still_runs(tmp_pa
     gpu_check.child(jobs)
     results = [json.loads(line[len("RESULT "):]) for line in capsys.readouterr().out.splitlines()]
     assert [r["precision"] for r in results] == ["fp16", "bf16"] and all(r["error"] for r in results), results
+
+
+def test_syncs_are_counted_each_time_at_the_projects_line_and_other_warnings_pass():
+    """count_syncs stands for torch's sync warnings (CUDA only) with warnings of the same text, raised here."""
+    import warnings
+
+    import gpu_check
+
+    library = {}  # a library's function that syncs, as if installed in a virtual environment inside the project
+    exec(compile(f"import warnings\ndef index():\n    warnings.warn({gpu_check.SYNC!r})\n",
+                 os.path.join(ROOT, ".venv", "lib", "site-packages", "library.py"), "exec"), library)
+
+    def training_call():
+        warnings.warn(gpu_check.SYNC)  # once a call
+        library["index"]()  # the library's sync, counted at this line
+        warnings.warn("something else")
+
+    def epoch():
+        for _ in range(3):
+            training_call()
+        warnings.warn(gpu_check.SYNC + ".")  # once an epoch
+    with pytest.warns(UserWarning, match="something else") as shown:
+        warnings.simplefilter("default")  # Python's own: a warning once a line; the count must see every one
+        sites = gpu_check.count_syncs(epoch)
+    here = os.path.relpath(__file__, ROOT)
+    assert [(site.split(":")[0], site.split(" ", 1)[1], n) for site, n in sites] == [
+        (here, "warnings.warn(gpu_check.SYNC)  # once a call", 3),
+        (here, 'library["index"]()  # the library\'s sync, counted at this line', 3),
+        (here, 'warnings.warn(gpu_check.SYNC + ".")  # once an epoch', 1)], sites
+    assert [str(w.message) for w in shown] == ["something else"] * 3  # shown as usual, each time; no sync among them
