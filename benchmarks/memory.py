@@ -90,15 +90,15 @@ def child_ours(job):
     from plumbing import bookkeeping
     import common
     module = importlib.import_module(job["script"])
-    reference, writing = [], []  # seconds of each call
+    reference, writing = [], []  # (epoch, seconds) of each call
 
     def timed(function, times):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start, epoch = time.perf_counter(), len(writing)  # the epoch: how many have ended before this call
             try:
                 return function(*args, **kwargs)
             finally:
-                times.append(time.perf_counter() - start)
+                times.append((epoch, time.perf_counter() - start))
         return wrapper
     common.reference_log_probs = timed(common.reference_log_probs, reference)
     bookkeeping.end_epoch = timed(bookkeeping.end_epoch, writing)  # the epoch's grid, metrics, curves, checkpoint
@@ -116,14 +116,19 @@ def child_ours(job):
         return out
     common.load_policy, common.sample_epoch = load_policy, sample_epoch
     module.main(job["argv"])
-    rows = bookkeeping.read_metrics(job["output_dir"])
-    epochs = [dict(sample=row["sample_seconds"], train=row["train_seconds"], write=write)
-              for row, write in zip(rows, writing)]
-    ref = sum(reference) / len(rows)  # reference log-probs are timed inside sampling: taken out of it, on average
-    return {"sampling_s": typical([e["sample"] for e in epochs]) - ref, "reference_s": ref,
-            "training_s": typical([e["train"] for e in epochs]),
-            "epoch_s": typical([e["sample"] + e["train"] + e["write"] for e in epochs]),
+    return {**phases(bookkeeping.read_metrics(job["output_dir"]), writing, reference),
             "rss_after_loading_gib": loaded[0], "rss_after_sampling_gib": sampled[0]}
+
+
+def phases(rows, writing, reference):
+    """Each phase's seconds an epoch (typical, below) from the run's metrics rows and the timed calls of writing
+    an epoch's outputs and of the reference log-probs, (epoch, seconds) each. The reference log-probs are timed
+    inside sampling: each epoch's are taken out of that epoch's sampling."""
+    ref = [sum(seconds for epoch, seconds in reference if epoch == i) for i in range(len(rows))]
+    write = [sum(seconds for epoch, seconds in writing if epoch == i) for i in range(len(rows))]
+    return {"sampling_s": typical([row["sample_seconds"] - r for row, r in zip(rows, ref)]),
+            "reference_s": typical(ref), "training_s": typical([row["train_seconds"] for row in rows]),
+            "epoch_s": typical([row["sample_seconds"] + row["train_seconds"] + w for row, w in zip(rows, write)])}
 
 
 def typical(seconds):

@@ -201,3 +201,16 @@ def test_the_side_by_side_with_trl_times_the_median_epoch_after_the_first():
     assert memory.typical([100.0, 5.0, 9.0, 6.0]) == 6.0
     assert memory.typical([100.0, 5.0, 7.0]) == 6.0
     assert memory.typical([9.0]) == 9.0
+
+
+def test_each_epochs_reference_log_probs_come_out_of_that_epochs_sampling():
+    """benchmarks/memory.py's phases: the reference log-probs, timed inside sampling, are each epoch's own (the first
+    epoch's two slow calls must not leak into the later epochs' sampling), and so is the writing of outputs."""
+    import memory
+    rows = [dict(sample_seconds=50.0, train_seconds=30.0), dict(sample_seconds=12.0, train_seconds=8.0),
+            dict(sample_seconds=14.0, train_seconds=10.0), dict(sample_seconds=13.0, train_seconds=9.0)]
+    reference = [(0, 20.0), (0, 20.0), (1, 2.0), (2, 3.0), (3, 1.0), (3, 1.5)]  # (epoch, seconds) of each call
+    writing = [(0, 1.0), (1, 0.5), (2, 0.5), (3, 1.5)]
+    out = memory.phases(rows, writing, reference)
+    # by hand, epochs 1-3: sampling 12-2=10, 14-3=11, 13-2.5=10.5; reference 2, 3, 2.5; epoch 20.5, 24.5, 23.5
+    assert out == {"sampling_s": 10.5, "reference_s": 2.5, "training_s": 9.0, "epoch_s": 23.5}
