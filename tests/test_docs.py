@@ -51,6 +51,16 @@ def test_ci_runs_exactly_the_readmes_test_command():
     assert command.startswith("python -m pytest") and last == command
 
 
+def test_the_readme_fits_one_screen_and_gives_the_side_by_side_with_trl():
+    """Issue 32: at most 200 lines; issue 36: a performance section with the ratio to TRL's epoch, its machine and date."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 200
+    section = text.split("\n## Performance\n", 1)[1].split("\n## ", 1)[0]
+    assert "TRL 0.23.1" in section and re.search(r"\b0\.\d\d of TRL's time", section), section
+    assert re.search(r"\w+ cores of an? [A-Z]", section) and re.search(r"20\d\d-\d\d-\d\d", section), section
+
+
 def test_every_relative_link_of_the_readmes_and_docs_resolves():
     pages = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "tutorials", "README.md")] + [
         os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")]
