@@ -78,6 +78,19 @@ def test_two_processes_train_the_weights_one_process_trains(module, tiny_dir, pr
         assert_same_weights(lora_weights(tmp_path / "two"), lora_weights(tmp_path / "one"))
 
 
+@pytest.mark.slow  # torchrun: two processes that each load the tiny SD3 pipeline, 8 s a script
+@pytest.mark.parametrize("module", [ddpo, d3po, prdp], ids=lambda m: m.__name__)
+def test_a_flow_model_trains_on_two_processes_what_one_process_trains(module, tiny_sd3_dir, prompt_file, tmp_path):
+    """The same on an SD3 pipeline, the flow step's policy: its pooled prompt embeddings go with each batch, and its
+    step's noise is drawn for every batch in every process, so that each random stream stays the one-process run's."""
+    module.main(run_args(module, tiny_sd3_dir, prompt_file, tmp_path / "one"))
+    torchrun(module, run_args(module, tiny_sd3_dir, prompt_file, tmp_path / "two"))
+    one, two = bookkeeping.read_metrics(tmp_path / "one"), bookkeeping.read_metrics(tmp_path / "two")
+    assert two[0]["reward_mean"] == pytest.approx(one[0]["reward_mean"], rel=1e-5)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-3) and one[0]["grad_norm"] > 0
+    assert_same_weights(lora_weights(tmp_path / "two"), lora_weights(tmp_path / "one"))
+
+
 def test_a_process_other_than_the_first_writes_nothing(tiny_dir, prompt_file, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     monkeypatch.setattr(distributed, "world", lambda: 2)
