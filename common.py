@@ -37,14 +37,15 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
         raise UserError("the model's scheduler uses dynamic thresholding, which this project does not support.")
     B, device, sample, model_output = sample.shape[0], sample.device, sample.float(), model_output.float()
 
-    # the previous timestep of the DDIM grid, as in diffusers' DDIMScheduler.step
-    t, alphas_cumprod = torch.as_tensor(timestep).cpu().long().reshape(-1).expand(B), scheduler.alphas_cumprod.cpu()
+    # the previous timestep of the DDIM grid, as in diffusers' DDIMScheduler.step, on the sample's device: the
+    # schedule is moved there once (as diffusers' add_noise does), so that a step on a GPU never waits for the host
+    scheduler.alphas_cumprod = alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    t = torch.as_tensor(timestep, device=device).long().reshape(-1).expand(B)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     # abar_prev: at the last step prev_t < 0 and abar_prev is the scheduler's final_alpha_cumprod, which is
     # abar_0 (not 1) for Stable Diffusion's set_alpha_to_one = False, so sigma never reaches 0 there.
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas_cumprod.dtype).cpu()
-    abar_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final).to(device, torch.float32)
-    abar_t, abar_prev = alphas_cumprod[t].to(device, torch.float32).view(B, 1, 1, 1), abar_prev.view(B, 1, 1, 1)
+    abar_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], float(scheduler.final_alpha_cumprod))
+    abar_t, abar_prev = alphas_cumprod[t].float().view(B, 1, 1, 1), abar_prev.float().view(B, 1, 1, 1)
 
     # x0_hat and eps from the model output (docs/papers.md, the policy; v_prediction converted first)
     prediction_type = scheduler.config.prediction_type
@@ -106,13 +107,12 @@ def flow_step_with_logprob(scheduler, velocity, timestep, sample, noise_level=0.
                         f"ODE step and log-probs are undefined.")
     B, device, sample, v = sample.shape[0], sample.device, sample.float(), velocity.float()
     # the step's place in the schedule: t = sigmas[i] (diffusers' timesteps are 1000 t), t_next = sigmas[i + 1]
-    sigmas = scheduler.sigmas.cpu().float()
-    i = (scheduler.timesteps.cpu().float()[None] - torch.as_tensor(timestep).cpu().float().reshape(-1, 1)).abs()
-    i = i.argmin(dim=1).expand(B)
-    t, t_next = sigmas[i].view(B, 1, 1, 1).to(device), sigmas[i + 1].view(B, 1, 1, 1).to(device)
+    scheduler.sigmas = sigmas = scheduler.sigmas.to(device, torch.float32)  # on the sample's device, as DDIM's above
+    i = (scheduler.timesteps.to(device) - torch.as_tensor(timestep, device=device).reshape(-1, 1)).abs().argmin(1)
+    t, t_next = sigmas[i].expand(B).view(B, 1, 1, 1), sigmas[i + 1].expand(B).view(B, 1, 1, 1)
     dt = t_next - t                                                          # < 0: from noise towards the image
     # sigma_t = a sqrt(t / (1 - t)) is infinite at t = 1: there Flow-GRPO's code divides by 1 - (the next t) instead
-    sigma_t = noise_level * (t / (1 - torch.where(t == 1, sigmas[1].to(device), t))).sqrt()
+    sigma_t = noise_level * (t / (1 - torch.where(t == 1, sigmas[1], t))).sqrt()
     # Euler-Maruyama: mean = x + [v + sigma_t^2 / (2t) (x + (1 - t) v)] dt,  std = sigma_t sqrt(-dt)
     mean = sample + (v + sigma_t**2 / (2 * t) * (sample + (1 - t) * v)) * dt
     return gaussian_step(mean, sigma_t * (-dt).sqrt(), prev_sample, generator)

@@ -163,10 +163,10 @@ def main(argv=None):
         # ---- 3. ALGO LOGIC: train every denoising step of every pair, winner and loser at the same step ----
         policy.pipe.unet.train()
         with bookkeeping.Timer() as train_timer:
-            for step_batches in common.minibatches(order, args.train_batch_size, step_size):
+            for step_batches in common.minibatches(order.to(args.device), args.train_batch_size, step_size):
                 # the winner and the loser of a pair at the same step, the steps in a random order
-                orders = [torch.randperm(args.num_steps, generator=generator).expand(len(idx), -1)         # (2b, T)
-                          for idx in step_batches]
+                orders = [torch.randperm(args.num_steps, generator=generator).to(idx.device).expand(len(idx), -1)
+                          for idx in step_batches]                                           # (2b, T)
                 for idx, steps in distributed.share(zip(step_batches, orders)):  # torchrun: this process's (one: all)
                     for j in range(trained_steps):
                         s = steps[:, j]                                                      # (2b,) a step each

@@ -148,8 +148,8 @@ def main(argv=None):
             batch_prompts, samples = distributed.sample_epoch(policy, args, prompts, generator)
             rewards = compute_rewards(reward_fn, samples.images, batch_prompts, epoch)  # (n,)
             # ---- 2. ALGO LOGIC: what to learn from the rewards: per-prompt normalised advantages ----
-            advantages = per_prompt_advantages(extra.setdefault("stats", {}), batch_prompts, rewards,
-                                               args.per_prompt_buffer_size, args.per_prompt_min_count)  # (n,)
+            advantages = per_prompt_advantages(extra.setdefault("stats", {}), batch_prompts, rewards,  # (n,)
+                                               args.per_prompt_buffer_size, args.per_prompt_min_count).to(args.device)
             order = torch.cat([torch.randperm(len(rewards), generator=generator) for _ in range(args.inner_epochs)])
             trained_steps = max(1, int(args.num_steps * args.timestep_fraction))  # of each trajectory
             step_size = args.train_batch_size * args.gradient_accumulation_steps  # images an optimiser step
@@ -157,10 +157,10 @@ def main(argv=None):
         # ---- 3. ALGO LOGIC: train on the stored steps x_t -> x_{t-1}, one optimiser step per accumulated batches ----
         policy.pipe.unet.train()
         with bookkeeping.Timer() as train_timer:
-            for step_batches in common.minibatches(order, args.train_batch_size, step_size):
+            for step_batches in common.minibatches(order.to(args.device), args.train_batch_size, step_size):
                 # each sample visits its steps in its own random order (reference code)
-                orders = [torch.stack([torch.randperm(args.num_steps, generator=generator) for _ in idx])   # (b, T)
-                          for idx in step_batches]
+                orders = [torch.stack([torch.randperm(args.num_steps, generator=generator) for _ in idx]).to(idx.device)
+                          for idx in step_batches]                                           # (b, T)
                 for idx, steps in distributed.share(zip(step_batches, orders)):  # torchrun: this process's (one: all)
                     for j in range(trained_steps):
                         s = steps[:, j]                                                      # (b,) a step each

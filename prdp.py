@@ -99,7 +99,7 @@ def rdp_loss(log_ratio, old_log_ratio, rewards, pairs, beta, clip_eps):
     """log_ratio (n, T) log pi_theta / pi_ref of n images' steps, old_log_ratio (n, T) at theta_old, rewards (n,)."""
     r_hat = log_ratio.mean(1)               # PRDP Eq. 10-14: trajectory log-ratio, the mean over steps (appendix code)
     r_hat_clip = (old_log_ratio + (log_ratio - old_log_ratio).clamp(-clip_eps, clip_eps)).mean(1)  # PRDP Eq. 16-21
-    a, b, rewards = *pairs.unbind(1), rewards.to(log_ratio.device)
+    a, b, rewards = *pairs.to(log_ratio.device).unbind(1), rewards.to(log_ratio.device)
     target = (rewards[a] - rewards[b]) / beta                                           # PRDP Eq. 10-14
     loss_unclipped = (r_hat[a] - r_hat[b] - target) ** 2                                # PRDP Eq. 10-14
     loss_clipped = (r_hat_clip[a] - r_hat_clip[b] - target) ** 2                        # PRDP Eq. 16-21
@@ -115,7 +115,7 @@ def rdp_backward(policy, samples, idx, ref_log_probs, rewards, args, scale, at_t
     """Backpropagate scale(rdp_loss) of images idx without T UNet graphs at once: the gradient with respect to log-probs
     computed without a graph (at theta_old: the sampled ones), then each step with a graph, in UNet batches of at
     most --train-batch-size images. Exact by the chain rule, so a prompt's images need not fit in one UNet batch."""
-    chunks = idx.split(args.train_batch_size)
+    chunks = idx.to(samples.latents.device).split(args.train_batch_size)  # on the GPU, CPU indices would wait for it
     log_probs = samples.log_probs[idx]                                                  # log pi_old, (b, T)
     if not at_theta_old:
         with torch.no_grad():
