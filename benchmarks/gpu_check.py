@@ -16,7 +16,8 @@
    and D3PO's ratio clamp (0.1).
 3. The host-device synchronisations of one DDPO epoch (10 steps), each counted at the project's line that asked for
    it (torch.cuda.set_sync_debug_mode("warn")): a sync makes Python wait until the GPU's queue is empty, and one per
-   training call would show in the table as a multiple of the steps (docs/scale.md: the lead for a faster epoch).
+   training call would show in the table as a multiple of the steps (none is expected: docs/scale.md, "Waiting for
+   the GPU"; sampling waits once a step, for its noise drawn on the CPU).
 4. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
    versions, and the tables. ddpo-pytorch reports about 0.22 trajectories per second per A100 and 10-16 GB at
    512 px with LoRA; the table says so beside ours.
