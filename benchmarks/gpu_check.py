@@ -64,22 +64,27 @@ def drift(model, device, precision, steps, resolution):
 SYNC = "called a synchronizing CUDA operation"  # torch's warning under torch.cuda.set_sync_debug_mode("warn")
 
 
+def project_line(skip="benchmarks"):
+    """'path:line code' of the innermost frame on the stack that is the project's own (not in the folder skip, nor a
+    library in a virtual environment inside the project), or None."""
+    import traceback
+    ours = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(ROOT + os.sep) and "-packages" not in
+            f.filename and not f.filename.startswith(os.path.join(ROOT, skip) + os.sep)]
+    return f"{os.path.relpath(ours[-1].filename, ROOT)}:{ours[-1].lineno} {ours[-1].line}" if ours else None
+
+
 def count_syncs(run):
     """Call run() and count the CUDA synchronisations it warns of, each at the innermost line of the project on the
     stack (not benchmarks/, nor a library in a virtual environment inside it): [(line, count)], most first. Other
     warnings are shown as usual."""
     import collections
-    import traceback
     import warnings
     sites, show = collections.Counter(), warnings.showwarning
 
     def note(message, category, filename, lineno, file=None, line=None):
         if SYNC not in str(message):
             return show(message, category, filename, lineno, file, line)
-        ours = [f for f in traceback.extract_stack() if f.filename.startswith(ROOT + os.sep) and "-packages" not in
-                f.filename and not f.filename.startswith(os.path.join(ROOT, "benchmarks") + os.sep)]  # not a venv's
-        sites[f"{os.path.relpath(ours[-1].filename, ROOT)}:{ours[-1].lineno} {ours[-1].line}" if ours
-              else f"{filename}:{lineno}"] += 1
+        sites[project_line() or f"{filename}:{lineno}"] += 1
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # every sync, not the first of each line
         warnings.showwarning = note

@@ -7,8 +7,6 @@ on which each such crossing shows as an operation with a CPU and a meta tensor, 
 and rewards are faked (they need values); the training phase runs as written. Its crossings must not grow with the
 number of denoising steps, which multiplies the training calls."""
 import collections
-import os
-import traceback
 
 import pytest
 import torch
@@ -20,8 +18,7 @@ import d3po
 import ddpo
 import prdp
 from plumbing import bookkeeping, distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import gpu_check  # benchmarks/ is on the path (conftest.py): its project_line names the line that asked
 
 
 INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
@@ -39,9 +36,7 @@ class Crossings(TorchDispatchMode):
 
     def note(self, kind, always=False):
         if self.counting() or always:
-            ours = [f for f in traceback.extract_stack()[:-2]
-                    if f.filename.startswith(ROOT) and "-packages" not in f.filename and "/tests/" not in f.filename]
-            self.where[f"{kind} at {os.path.relpath(ours[-1].filename, ROOT)}:{ours[-1].lineno}" if ours else kind] += 1
+            self.where[f"{kind} at {(gpu_check.project_line(skip='tests') or '?').split(' ')[0]}"] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
