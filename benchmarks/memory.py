@@ -17,7 +17,8 @@ on the CPU, the papers' 50 (DDPO, PRDP) or 20 (D3PO) on a GPU. It prints the pea
 an epoch's seconds also count writing its outputs (grid, metrics, curves, checkpoint), as TRL's count all it does.
 
 --trl-python runs Hugging Face TRL 0.23.1's DDPOTrainer (its last release with DDPO) on the same pipeline and
-settings, with the Python of a virtual environment where trl is installed (never a dependency of this project):
+settings, with the Python of a virtual environment where trl is installed (never a dependency of this project;
+--trl-kept and --trl-returned run it once more with glibc set as this project's scripts set it, like for like):
     python -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 && /tmp/trl/bin/pip install trl==0.23.1 \\
         diffusers==0.42.1 transformers==5.23.0 peft==0.21.2
 Ratios are meaningful only within one invocation (machines of one kind differ about 3x in speed).
@@ -146,9 +147,9 @@ def child_trl(job):
     from PIL import Image
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     PartialState()  # TRL's pipeline logs through accelerate, which wants its state first
-    if job.get("returned"):  # glibc told to give freed memory back, as this project's scripts do
+    if job.get("malloc"):  # glibc told to give freed memory back, or to keep it, as this project's scripts do
         from plumbing import distributed
-        distributed.return_freed_memory()
+        {"returned": distributed.return_freed_memory, "kept": distributed.keep_freed_memory}[job["malloc"]]()
 
     def compressibility(images, prompts, metadata):
         sizes = []
@@ -206,7 +207,10 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--trl-python", help="the python of a virtual environment with trl 0.23.1: DDPO beside it")
     parser.add_argument("--trl-returned", action="store_true", help="also run TRL with freed memory given back "
-                        "to the system, as this project's scripts do (distributed.return_freed_memory): like for like")
+                        "to the system, as this project's scripts do with checkpointing (distributed."
+                        "return_freed_memory): like for like")
+    parser.add_argument("--trl-kept", action="store_true", help="also run TRL with freed memory kept for the next "
+                        "tensors, as this project's scripts do without checkpointing (distributed.keep_freed_memory)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp",
                                                        "sd15-random"), help="where the random SD v1.5 is saved")
     parser.add_argument("--model", help="another pipeline instead (tiny: benchmarks/tiny_pipeline.py's, 32 px)")
@@ -255,12 +259,12 @@ def main():
                     *(["--gradient-checkpointing"] * gc)]
             jobs.append((sys.executable, dict(label=label, script=script, argv=argv, output_dir=out,
                                               device=opts.device)))
-            for returned in ([False, True] if opts.trl_returned else [False]) if script == "ddpo" else []:
-                if opts.trl_python:
-                    jobs.append((opts.trl_python, dict(
-                        label=f"TRL 0.23.1 DDPOTrainer{' +checkpointing' * gc}{' +returned' * returned}",
-                        script="trl", model=model, output_dir=out + "-trl", steps=steps, device=opts.device,
-                        epochs=opts.epochs, gradient_checkpointing=gc, batches=trl_batches, returned=returned)))
+            mallocs = [None] + ["returned"] * opts.trl_returned + ["kept"] * opts.trl_kept  # glibc's default first
+            for malloc in mallocs if script == "ddpo" and opts.trl_python else []:
+                jobs.append((opts.trl_python, dict(
+                    label=f"TRL 0.23.1 DDPOTrainer{' +checkpointing' * gc}{f' +{malloc}' if malloc else ''}",
+                    script="trl", model=model, output_dir=out + "-trl", steps=steps, device=opts.device,
+                    epochs=opts.epochs, gradient_checkpointing=gc, batches=trl_batches, malloc=malloc)))
     rows = []
     for k, (python, job) in enumerate(jobs * opts.repeat):  # in turn, so that a drift in speed falls on both
         out = f"{job['output_dir']}-{k}"  # each run its own output directory
@@ -280,10 +284,10 @@ def main():
         return f"{values[len(values) // 2]:.2f}{spread}"
     for gc in checkpointing:
         suffix = " +checkpointing" * gc
-        for returned in ("", " +returned"):
-            trl = f"TRL 0.23.1 DDPOTrainer{suffix}{returned}"
+        for malloc in ("", " +returned", " +kept"):
+            trl = f"TRL 0.23.1 DDPOTrainer{suffix}{malloc}"
             if trl in runs and f"ddpo.py{suffix}" in runs:
-                text.append(f"ddpo.py{suffix} / TRL{suffix}{returned}: peak RSS "
+                text.append(f"ddpo.py{suffix} / TRL{suffix}{malloc}: peak RSS "
                             f"{ratio(f'ddpo.py{suffix}', trl, 'peak_rss_gib')}, "
                             f"epoch time {ratio(f'ddpo.py{suffix}', trl, 'epoch_s')}")
     if opts.trl_python and len(checkpointing) == 2 and "ddpo.py +checkpointing" in runs:

@@ -33,12 +33,12 @@ import common
 
 def setup(device, save_memory=False, timeout=600.0):
     """Join torchrun's process group when there is one (WORLD_SIZE > 1); returns this process's device. TF32
-    matmuls are allowed on CUDA (the speed of half precision's tensor cores for float32 matmuls); save_memory
-    (--gradient-checkpointing) on the CPU also gives freed tensors back to the system at once (return_freed_memory,
-    for the rest of the process: glibc's setting cannot be undone)."""
+    matmuls are allowed on CUDA (the speed of half precision's tensor cores for float32 matmuls). On the CPU, glibc
+    is told what to do with freed tensors, for the rest of the process: keep them for the next ones (speed, the
+    default) or, with save_memory (--gradient-checkpointing), give them back to the system at once."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls on CUDA
-    if save_memory and torch.device(device).type == "cpu":
-        return_freed_memory()
+    if str(device).split(":")[0] == "cpu":  # (a device that is not one is reported later, in one sentence)
+        return_freed_memory() if save_memory else keep_freed_memory()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     if torch.device(device).type == "cuda":
@@ -57,11 +57,30 @@ def return_freed_memory():
     the CPU that kept 2 to 5 GiB more resident than the live tensors. A fixed threshold, glibc's own default of
     128 KiB, returns every larger freed tensor at once; the price is time, as the system hands out fresh zeroed
     pages for each new tensor (docs/scale.md has both). Linux only; CUDA memory is not affected."""
+    _mallopt((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 128 * 1024))  # glibc's defaults
+
+
+def keep_freed_memory():
+    """The other way round, for speed: glibc's default still gives a tensor over 32 MiB its own pages from the
+    system, and the heap's free top back once it passes twice the largest tensor freed so far, so each UNet pass
+    at 512 px takes hundreds of thousands of fresh zeroed pages from the system (a tenth of a forward's time and
+    more of a backward's, docs/scale.md). Here every tensor comes from the heap and the heap is never trimmed:
+    a freed tensor's memory serves the next one. The process keeps the most it ever held, which is its peak
+    anyway. Linux only; CUDA memory is not affected."""
+    _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # no block of its own from the system; -1: never trim
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # as in glibc's malloc.h
+
+
+def _mallopt(*settings):
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD = -3 in glibc's malloc.h
+            mallopt = ctypes.CDLL(None).mallopt
         except (OSError, AttributeError):  # a C library without mallopt (musl): nothing to do
-            pass
+            return
+        for option, value in settings:
+            mallopt(option, value)
 
 
 def rank():

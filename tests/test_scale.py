@@ -52,15 +52,19 @@ def each_scripts_loss_backward(name, policy, samples, ref_log_probs, rewards):
 
 
 def test_the_malloc_setting_is_made_for_cpu_runs_only(monkeypatch):
-    """glibc's threshold is process-wide and cannot be undone: a CUDA run's host memory is left as it is."""
+    """glibc's settings are process-wide: a CUDA run's host memory is left as it is; a CPU run keeps freed memory
+    for speed, or gives it back with --gradient-checkpointing."""
     from plumbing import distributed
     calls = []
-    monkeypatch.setattr(distributed, "return_freed_memory", lambda: calls.append(True))
-    distributed.setup("cuda", save_memory=True)
-    distributed.setup("cuda:1", save_memory=True)
+    monkeypatch.setattr(distributed, "return_freed_memory", lambda: calls.append("return"))
+    monkeypatch.setattr(distributed, "keep_freed_memory", lambda: calls.append("keep"))
+    for save_memory in (True, False):
+        distributed.setup("cuda", save_memory=save_memory)
+        distributed.setup("cuda:1", save_memory=save_memory)
     assert calls == []
     distributed.setup("cpu", save_memory=True)
-    assert calls == [True]
+    distributed.setup("cpu", save_memory=False)
+    assert calls == ["return", "keep"]
 
 
 @pytest.mark.parametrize("name", ["ddpo", "d3po", "prdp"])
@@ -146,19 +150,53 @@ print((resident() - start) / 2 ** 20)
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
                     reason="glibc on Linux")
-def test_freed_tensors_go_back_to_the_system_on_the_cpu():
-    """By default glibc keeps the freed 16 MiB blocks (its dynamic mmap threshold): the process stays 128 MiB
-    bigger; with --gradient-checkpointing (distributed.setup's save_memory) they are given back."""
+def test_freed_tensors_go_back_to_the_system_on_the_cpu_with_gradient_checkpointing():
+    """Without --gradient-checkpointing (distributed.setup's save_memory) the freed 16 MiB blocks are kept for the
+    next tensors: the process stays 128 MiB bigger; with it they are given back."""
     def kept(mode):
         out = subprocess.run([sys.executable, "-c", RSS_PROBE, mode], capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return float(out.stdout.split()[-1])
-    # the behaviour that the fix is for, so that the test below can fail; where glibc's heap lands (address space
-    # layout randomisation, what else the process allocated) decides whether a process keeps the blocks, so the
-    # default is tried up to five times, and where it never keeps them there is nothing to show
-    if not any(kept("keep") >= 64 for _ in range(5)):
-        pytest.skip("here glibc's default gave the freed blocks back by itself, five times out of five")
-    assert kept("return") < 16
+    assert kept("keep") >= 64 and kept("return") < 16
+
+
+FAULT_PROBE = """
+import resource, sys, torch
+from plumbing import distributed
+for setting in sys.argv[1:]:  # keep_freed_memory, return_freed_memory, in this order; none: glibc's default
+    getattr(distributed, setting)()
+def resident(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # pages the system handed out
+torch.ones(1)
+start = resident()
+for round in range(6):  # a UNet pass's pattern, over and over: the last two rounds are counted
+    if round == 4:
+        counted = faults()
+    big = [torch.ones(2 ** 24) for _ in range(4)]  # 4 x 64 MiB: over the 32 MiB up to which glibc's default
+    del big                                        # ever serves a block from its heap
+print(faults() - counted, (resident() - start) / 2 ** 20)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc on Linux")
+def test_without_checkpointing_freed_tensors_serve_the_next_ones_instead_of_fresh_pages():
+    """glibc's default gives each tensor over 32 MiB fresh zeroed pages from the system, which a UNet pass at 512 px
+    pays hundreds of thousands of times; keep_freed_memory serves them from the memory of the tensors freed before.
+    return_freed_memory, made after it, undoes it."""
+    def run(*settings):
+        out = subprocess.run([sys.executable, "-c", FAULT_PROBE, *settings], capture_output=True, text=True,
+                             check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        faults, grown = out.stdout.split()[-2:]
+        return int(faults), float(grown)
+    import resource  # Unix only
+    pages = 2 * 4 * 2 ** 26 // resource.getpagesize()  # two counted rounds of four 64 MiB tensors
+    default, _ = run()
+    assert default > 0.9 * pages  # what the setting is for, so that the test below can fail
+    kept, grown = run("keep_freed_memory")
+    assert kept < 0.05 * pages and grown >= 200  # the price: the memory is held
+    returned, grown = run("keep_freed_memory", "return_freed_memory")
+    assert returned > 0.9 * pages and grown < 16
 
 
 @pytest.mark.parametrize("name", ["ddpo", "d3po", "prdp"])
