@@ -65,8 +65,8 @@ def keep_freed_memory():
     system, and the heap's free top back once it passes twice the largest tensor freed so far, so each UNet pass
     at 512 px takes hundreds of thousands of fresh zeroed pages from the system (a tenth of a forward's time and
     more of a backward's, docs/scale.md). Here every tensor comes from the heap and the heap is never trimmed:
-    a freed tensor's memory serves the next one. The process keeps the most it ever held, which is its peak
-    anyway. Linux only; CUDA memory is not affected."""
+    a freed tensor's memory serves the next one. The process keeps the most it ever held: about its peak anyway
+    (4% above glibc's default's at 512 px, docs/scale.md). Linux only; CUDA memory is not affected."""
     _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # no block of its own from the system; -1: never trim
 
 
