@@ -242,3 +242,27 @@ def test_each_epochs_reference_log_probs_come_out_of_that_epochs_sampling():
     out = memory.phases(rows, writing, reference)
     # by hand, epochs 1-3: sampling 12-2=10, 14-3=11, 13-2.5=10.5; reference 2, 3, 2.5; epoch 20.5, 24.5, 23.5
     assert out == {"sampling_s": 10.5, "reference_s": 2.5, "training_s": 9.0, "epoch_s": 23.5}
+
+
+def test_the_flop_count_includes_cpu_attention_by_the_hand_formula():
+    """benchmarks/flops.py (issue 36's floor): torch counts no FLOPs for CPU flash attention unless told; by hand,
+    the forward is QK^T and PV, 2 B H L S D each, and the backward recomputes QK^T and makes dP, dV, dQ and dK."""
+    import flops
+    B, H, L, S, D = 2, 3, 16, 8, 4
+    q, k, v = torch.randn(B, H, L, D, requires_grad=True), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    attention = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    assert flops.count_flops(attention) == 2 * (2 * B * H * L * S * D)
+    assert flops.count_flops(lambda: attention().sum().backward()) == 7 * (2 * B * H * L * S * D)
+
+
+def test_the_flops_benchmark_times_both_passes_of_the_scripts(tiny_dir, tmp_path):
+    """Its table on the tiny pipeline: a training pass is the sampling forward's FLOPs plus a backward's, which for
+    LoRA needs input gradients only (about a forward's FLOPs; attention's 2.5 times), no frozen weight's gradient
+    (another forward's): 1.5 to 2.5 forwards in all (SD v1.5's: 2.2; full fine-tuning's: over 3)."""
+    import flops
+    flops.main(["--model", tiny_dir, "--repeat", "1", "--batch", "2", "--results", str(tmp_path)])
+    rows = {line[:20].strip(): line[20:].split() for line in (tmp_path / "flops_cpu_no_batch2.txt").read_text()
+            .splitlines() if line.startswith(("sampling forward", "training pass"))}
+    forward, training = float(rows["sampling forward"][0]), float(rows["training pass"][0])
+    assert forward > 0 and 1.5 < training / forward < 2.5, rows
+    assert all(float(row[1]) > 0 for row in rows.values()), rows

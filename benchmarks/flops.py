@@ -1,0 +1,111 @@
+"""How near the machine's arithmetic ceiling the UNet's passes run: the floor under any DDPO's epoch.
+
+    python benchmarks/flops.py                 # SD v1.5's size (memory.py's random weights), 512 px, CPU, fp32
+    python benchmarks/flops.py --model tiny    # the tiny pipeline at 32 px: far from the ceiling, Python's time
+    python benchmarks/flops.py --device cuda --mixed-precision fp16
+
+Times the two UNet passes every script's epoch is made of, through the scripts' own functions (LoRA rank 4,
+guidance 5, --batch samples, twice that in the UNet): a sampling step's guided forward without gradients
+(common.guided_noise_pred) and a training call's forward and backward (common.log_prob, then backward). It counts
+their floating-point operations (torch.utils.flop_counter, given CPU flash attention's formula, which torch does not
+register) and times a square matmul of the same precision, the fastest work the machine does. An implementation
+that makes the same passes with the same kernels (TRL's DDPOTrainer does: docs/scale.md) can only be faster by the
+time outside the passes; where the passes run near the matmul's rate, there is no other time to take.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.utils.flop_counter as flop_counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project, for a benchmark run as python benchmarks/flops.py
+import common  # noqa: E402
+from plumbing import distributed  # noqa: E402
+
+FORMULAS = {  # q (B, H, L, D), k and v (B, H, S, D): QK^T and PV, 2 B H L S D each; the backward 2.5 times that
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
+
+
+def count_flops(fn):
+    """Floating-point operations of fn() (a multiply-add is two), all attention kernels included."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def seconds(fn, device, repeat):
+    """The fastest of `repeat` timed calls of fn, after one untimed."""
+    times = []
+    for _ in range(repeat + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="tiny: benchmarks/tiny_pipeline.py's; default: memory.py's SD v1.5 (its "
+                                        "--cache, made there if missing)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--batch", type=int, default=1, help="samples a pass (memory.py's epochs: 1 at SD's size; "
+                        "sampling 8 and training 4 on the tiny pipeline)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed calls of each pass (the fastest counts)")
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    opts = parser.parse_args(argv)
+    device = torch.device(distributed.setup(opts.device))  # on the CPU, glibc told as the scripts tell it
+    model = opts.model or os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp", "sd15-random")
+    if opts.model == "tiny":
+        from tiny_pipeline import make_tiny_pipeline  # beside this file
+        model = make_tiny_pipeline(os.path.join("/tmp", f"flops-tiny-{os.getpid()}"))
+    elif opts.model is None and not os.path.isfile(os.path.join(model, "model_index.json")):
+        from memory import make_sd15
+        make_sd15(model)
+    pipe, params, autocast = common.load_pipeline(model, device, opts.mixed_precision, lora_rank=4)
+    policy = common.Policy(pipe, common.encode_prompts(pipe, [""]), num_steps=1, guidance_scale=5.0, eta=1.0,
+                           autocast=autocast)
+    pipe.scheduler.set_timesteps(1, device=device)
+    latents = torch.randn(opts.batch, 2, *common.latent_size(pipe), device=device)  # x_t and x_{t-1} of one step
+    samples = common.Trajectories(None, latents, None, pipe.scheduler.timesteps,
+                                  common.encode_prompts(pipe, ["a photo of a cat"] * opts.batch))
+    idx = torch.arange(opts.batch, device=device)
+
+    def sampling_forward():
+        with torch.no_grad():
+            common.guided_noise_pred(policy, latents[:, 0], samples.timesteps[0], samples.prompt_embeds)
+
+    def training_pass():
+        common.log_prob(policy, samples, idx, 0).sum().backward()
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
+    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
+    ceiling = 2 * 4096 ** 3 / seconds(lambda: a @ b, device, 3)
+    lines = [f"{os.path.basename(model.rstrip('/'))}, {pipe.resolution} px, LoRA rank 4, a guided batch of "
+             f"{opts.batch}, {device}, {opts.mixed_precision}, {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
+             f"a {dtype} matmul (4096 x 4096 x 4096): {ceiling / 1e9:.0f} GFLOP/s",
+             f"{'pass':20s} {'GFLOP':>9s} {'s':>8s} {'GFLOP/s':>8s} {'of matmul':>10s}"]
+    print(lines[0], "\n" + lines[1], flush=True)
+    for name, fn in (("sampling forward", sampling_forward), ("training pass", training_pass)):
+        flops, took = count_flops(fn), seconds(fn, device, opts.repeat)
+        lines.append(f"{name:20s} {flops / 1e9:9.2f} {took:8.3f} {flops / took / 1e9:8.0f} "
+                     f"{flops / took / ceiling:10.0%}")
+        print(lines[-1], flush=True)
+    os.makedirs(opts.results, exist_ok=True)
+    name = f"flops_{'tiny_' * (opts.model == 'tiny')}{device.type}_{opts.mixed_precision}_batch{opts.batch}.txt"
+    with open(os.path.join(opts.results, name), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
