@@ -68,12 +68,15 @@ def load_prompts(path):
     if os.path.isdir(path):
         raise UserError(f"prompt file {path!r} is a directory; give a text file with one prompt a line.")
     if not os.path.isfile(path):
-        raise UserError(f"prompt file {path!r} does not exist.")
+        raise UserError(f"prompt file {path!r} " + ("is not a regular file." if os.path.exists(path) else
+                                                    "does not exist."))
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
             prompts = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
     except UnicodeDecodeError:
         raise UserError(f"prompt file {path!r} is not UTF-8 text; give a text file with one prompt a line.")
+    except OSError as e:  # unreadable: permissions, a vanished network file
+        raise UserError(f"prompt file {path!r} cannot be read ({e.strerror or e}).")
     if not prompts:
         raise UserError(f"prompt file {path!r} has no prompts (one a line; '#' starts a comment).")
     return prompts

@@ -47,6 +47,8 @@ def bad_inputs(tiny_dir, prompt_file, tmp_path, module=ddpo):
     return {
         "binary prompt file": (base + ["--prompt-file", str(tmp_path / "binary.txt")], "is not UTF-8 text"),
         "prompt file that is a directory": (base + ["--prompt-file", str(tmp_path)], "is a directory"),
+        "prompt file that is a device": (base + ["--prompt-file", "/dev/null"], "is not a regular file"),
+        "prompt file that cannot be read": (base + ["--prompt-file", "/proc/self/mem"], "cannot be read (Input/output"),
         "output dir behind a file": (base + ["--output-dir", str(tmp_path / "a_file" / "run")], "cannot be created"),
         "output dir under /proc": (base + ["--output-dir", "/proc/no/run"], "cannot be created"),
         "output dir that cannot be written": (base + ["--output-dir", "/proc"], "cannot be written"),
