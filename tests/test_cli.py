@@ -169,6 +169,17 @@ def test_the_algorithms_own_flags_are_checked_against_their_interval(module, fla
     module.check_args(ok)
 
 
+@pytest.mark.parametrize("device, precision, said", [("cpu", "fp16", True), ("cpu", "bf16", False),
+                                                     ("cpu", "auto", False), ("meta", "fp16", False)])
+def test_fp16_on_the_cpu_is_said_to_be_slow(device, precision, said, tmp_path, capsys):
+    """Full fine-tuning's float16 convolution gradients are 50 times float32's on the CPU: a run copied from a GPU's
+    command line is told so, once, before any model is loaded (meta: a device that is not the CPU, without a GPU)."""
+    args = bookkeeping.parse_args(ddpo.Args, ["--model", "toy", "--device", device, "--mixed-precision", precision,
+                                              "--output-dir", str(tmp_path)], presets=ddpo.PRESETS)
+    ddpo.check_args(args)
+    assert ("note: --mixed-precision fp16 is slow on the CPU" in capsys.readouterr().out) == said
+
+
 def test_ctrl_c_says_how_to_go_on_without_a_traceback(capsys):
     def interrupted():
         raise KeyboardInterrupt
