@@ -53,6 +53,44 @@ def seconds(fn, device, repeat):
     return min(times[1:])
 
 
+def measure(model, device, mixed_precision="no", batch=1, repeat=2):
+    """A matmul's FLOP/s, and the FLOPs and seconds of the sampling forward and the training pass: a dict."""
+    device = torch.device(device)
+    pipe, params, autocast = common.load_pipeline(model, device, mixed_precision, lora_rank=4)
+    policy = common.Policy(pipe, common.encode_prompts(pipe, [""]), num_steps=1, guidance_scale=5.0, eta=1.0,
+                           autocast=autocast)
+    pipe.scheduler.set_timesteps(1, device=device)
+    latents = torch.randn(batch, 2, *common.latent_size(pipe), device=device)  # x_t and x_{t-1} of one step
+    samples = common.Trajectories(None, latents, None, pipe.scheduler.timesteps,
+                                  common.encode_prompts(pipe, ["a photo of a cat"] * batch))
+    idx = torch.arange(batch, device=device)
+
+    def sampling_forward():
+        with torch.no_grad():
+            common.guided_noise_pred(policy, latents[:, 0], samples.timesteps[0], samples.prompt_embeds)
+
+    def training_pass():
+        common.log_prob(policy, samples, idx, 0).sum().backward()
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
+    return {"resolution": pipe.resolution, "batch": batch, "matmul_dtype": str(dtype),
+            "matmul_flop_per_s": 2 * 4096 ** 3 / seconds(lambda: a @ b, device, 3),
+            "passes": [{"pass": name, "flop": count_flops(fn), "seconds": seconds(fn, device, repeat)}
+                       for name, fn in (("sampling forward", sampling_forward), ("training pass", training_pass))]}
+
+
+def table(result):
+    """The result's passes as text lines: GFLOP, seconds, GFLOP/s, and the share of the matmul's rate."""
+    lines = [f"a {result['matmul_dtype']} matmul (4096 x 4096 x 4096): {result['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s",
+             f"{'pass':20s} {'GFLOP':>9s} {'s':>8s} {'GFLOP/s':>8s} {'of matmul':>10s}"]
+    for p in result["passes"]:
+        rate = p["flop"] / p["seconds"]
+        lines.append(f"{p['pass']:20s} {p['flop'] / 1e9:9.2f} {p['seconds']:8.3f} {rate / 1e9:8.0f} "
+                     f"{rate / result['matmul_flop_per_s']:10.0%}")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="tiny: benchmarks/tiny_pipeline.py's; default: memory.py's SD v1.5 (its "
@@ -72,35 +110,11 @@ def main(argv=None):
     elif opts.model is None and not os.path.isfile(os.path.join(model, "model_index.json")):
         from memory import make_sd15
         make_sd15(model)
-    pipe, params, autocast = common.load_pipeline(model, device, opts.mixed_precision, lora_rank=4)
-    policy = common.Policy(pipe, common.encode_prompts(pipe, [""]), num_steps=1, guidance_scale=5.0, eta=1.0,
-                           autocast=autocast)
-    pipe.scheduler.set_timesteps(1, device=device)
-    latents = torch.randn(opts.batch, 2, *common.latent_size(pipe), device=device)  # x_t and x_{t-1} of one step
-    samples = common.Trajectories(None, latents, None, pipe.scheduler.timesteps,
-                                  common.encode_prompts(pipe, ["a photo of a cat"] * opts.batch))
-    idx = torch.arange(opts.batch, device=device)
-
-    def sampling_forward():
-        with torch.no_grad():
-            common.guided_noise_pred(policy, latents[:, 0], samples.timesteps[0], samples.prompt_embeds)
-
-    def training_pass():
-        common.log_prob(policy, samples, idx, 0).sum().backward()
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
-    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
-    ceiling = 2 * 4096 ** 3 / seconds(lambda: a @ b, device, 3)
-    lines = [f"{os.path.basename(model.rstrip('/'))}, {pipe.resolution} px, LoRA rank 4, a guided batch of "
+    result = measure(model, device, opts.mixed_precision, opts.batch, opts.repeat)
+    lines = [f"{os.path.basename(model.rstrip('/'))}, {result['resolution']} px, LoRA rank 4, a guided batch of "
              f"{opts.batch}, {device}, {opts.mixed_precision}, {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
-             f"a {dtype} matmul (4096 x 4096 x 4096): {ceiling / 1e9:.0f} GFLOP/s",
-             f"{'pass':20s} {'GFLOP':>9s} {'s':>8s} {'GFLOP/s':>8s} {'of matmul':>10s}"]
-    print(lines[0], "\n" + lines[1], flush=True)
-    for name, fn in (("sampling forward", sampling_forward), ("training pass", training_pass)):
-        flops, took = count_flops(fn), seconds(fn, device, opts.repeat)
-        lines.append(f"{name:20s} {flops / 1e9:9.2f} {took:8.3f} {flops / took / 1e9:8.0f} "
-                     f"{flops / took / ceiling:10.0%}")
-        print(lines[-1], flush=True)
+             *table(result)]
+    print("\n".join(lines), flush=True)
     os.makedirs(opts.results, exist_ok=True)
     name = f"flops_{'tiny_' * (opts.model == 'tiny')}{device.type}_{opts.mixed_precision}_batch{opts.batch}.txt"
     with open(os.path.join(opts.results, name), "w") as f:

@@ -18,7 +18,10 @@
    it (torch.cuda.set_sync_debug_mode("warn")): a sync makes Python wait until the GPU's queue is empty, and one per
    training call would show in the table as a multiple of the steps (none is expected: docs/scale.md, "Waiting for
    the GPU"; sampling waits once a step, for its noise drawn on the CPU).
-4. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
+4. The UNet's two passes at 512 px in fp16, a batch of one (benchmarks/flops.py): their FLOPs and FLOP/s beside an
+   fp16 matmul's, the GPU's arithmetic ceiling. Far below it, the GPU waits for the host (Python launching the
+   kernels, syncs): the time one implementation can still save over another (issue 36, on a GPU).
+5. benchmarks/results/gpu_check.json and .md (with --reduced: gpu_check_reduced.*): the date, the device, the
    versions, and the tables. ddpo-pytorch reports about 0.22 trajectories per second per A100 and 10-16 GB at
    512 px with LoRA; the table says so beside ours.
 """
@@ -112,14 +115,21 @@ def syncs(model, device, steps, resolution):
     return {"kind": "syncs", "steps": steps, "cuda": device == "cuda", "sites": sites}
 
 
+def passes(model, device, precision):
+    """benchmarks/flops.py's measure: the UNet's two passes at memory.py's setting (a batch of one), their FLOP/s
+    beside a matmul's of the same precision: how near the GPU's arithmetic the passes run (docs/scale.md)."""
+    import flops
+    return {"kind": "flops", "precision": precision, **flops.measure(model, device, precision)}
+
+
 def child(jobs):
-    """The drift checks and the sync count, one process for all (each start costs an import of torch and a model
+    """The drift checks, the sync count and the FLOP rates, one process for all (each start costs an import of torch and a model
     load); a job that fails is reported as such and the next one still runs."""
     for job in jobs:
         job = dict(job)
         kind = job.pop("kind", "drift")
         try:
-            result = (syncs if kind == "syncs" else drift)(**job)
+            result = {"syncs": syncs, "flops": passes, "drift": drift}[kind](**job)
         except Exception as e:
             result = {"kind": kind, "precision": job.get("precision"), "error": f"{type(e).__name__}: {e}"[:200]}
         print("RESULT " + json.dumps(result), flush=True)
@@ -174,6 +184,14 @@ def markdown(report):
         lines.append("not counted: no CUDA here (the epoch ran with the counter in place)")
     else:
         lines += ["| line | syncs |", "|---|---|"] + [f"| `{site}` | {n} |" for site, n in counted["sites"]]
+    rates = report["flops"]
+    lines += ["", f"The UNet's passes (benchmarks/flops.py, a batch of one, {rates.get('precision')}) against a "
+              "matmul's rate:", ""]
+    if "error" in rates:
+        lines.append(f"failed: {rates['error']}")
+    else:
+        import flops
+        lines += ["```", *flops.table(rates), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -212,14 +230,16 @@ def main():
                                                                         output_dir=out, device=device))
         row["trajectories_per_s"] = IMAGES[script] / row["epoch_s"]
         epochs.append(row)
-    print("log-prob drift and syncs ...", flush=True)
-    *drifts, counted = run_children([dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
+    print("log-prob drift, syncs and FLOP rates ...", flush=True)
+    *drifts, counted, rates = run_children([dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
                                           resolution=resolution) for p in precisions]
                                     + [dict(kind="syncs", model=model, device=device, steps=2 if opts.reduced else 10,
-                                            resolution=resolution)])
+                                            resolution=resolution),
+                                       dict(kind="flops", model=model, device=device,
+                                            precision="no" if opts.reduced else "fp16")])
     report = {"date": datetime.date.today().isoformat(),
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU (reduced mode)",
-              "versions": versions(), "epochs": epochs, "drift": drifts, "syncs": counted,
+              "versions": versions(), "epochs": epochs, "drift": drifts, "syncs": counted, "flops": rates,
               "setting": (f"{'a tiny pipeline, 32 px, 2 steps, CPU' if opts.reduced else 'SD v1.5 size, 512 px, fp16'}"
                           f", LoRA rank 4, one sample a sampling batch (D3PO: a pair; PRDP: a prompt's two images)")}
     os.makedirs(opts.results, exist_ok=True)

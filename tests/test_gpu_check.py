@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.slow  # four one-epoch runs, each its own process, and the drift checks in one more
+@pytest.mark.slow  # four one-epoch runs, each its own process, and the drift checks (and more) in one more
 def test_the_reduced_gpu_check_runs_every_part_and_writes_json_and_markdown(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--reduced",
                            "--results", str(tmp_path)], capture_output=True, text=True, timeout=900,
@@ -28,6 +28,10 @@ def test_the_reduced_gpu_check_runs_every_part_and_writes_json_and_markdown(tmp_
     text = (tmp_path / "gpu_check_reduced.md").read_text()
     assert "trajectories/s" in text and "within DDPO clip range" in text and report["versions"]["torch"] in text
     assert "not counted: no CUDA here" in text
+    rates = report["flops"]  # benchmarks/flops.py's measure, whose counts test_scale.py checks
+    assert "error" not in rates and [p["pass"] for p in rates["passes"]] == ["sampling forward", "training pass"]
+    assert all(p["flop"] > 0 and p["seconds"] > 0 for p in rates["passes"]) and rates["matmul_flop_per_s"] > 0
+    assert "against a matmul's rate" in text and "sampling forward" in text
 
 
 def test_a_drift_check_that_fails_is_reported_and_the_next_one_still_runs(tmp_path, capsys):
