@@ -9,8 +9,8 @@ guidance 5, --batch samples, twice that in the UNet): a sampling step's guided f
 (common.guided_noise_pred) and a training call's forward and backward (common.log_prob, then backward). It counts
 their floating-point operations (torch.utils.flop_counter, given CPU flash attention's formula, which torch does not
 register) and times a square matmul of the same precision, the fastest work the machine does. An implementation
-that makes the same passes with the same kernels (TRL's DDPOTrainer does: docs/scale.md) can only be faster by the
-time outside the passes; where the passes run near the matmul's rate, there is no other time to take.
+that makes the same passes with the same kernels (TRL's DDPOTrainer does: docs/scale.md) can be faster only by the
+time outside the passes, or with faster kernels (fused, compiled), whose room is the gap to the matmul's rate.
 """
 import argparse
 import os
