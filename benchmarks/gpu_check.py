@@ -123,8 +123,8 @@ def passes(model, device, precision):
 
 
 def child(jobs):
-    """The drift checks, the sync count and the FLOP rates, one process for all (each start costs an import of torch and a model
-    load); a job that fails is reported as such and the next one still runs."""
+    """The drift checks, the sync count and the FLOP rates, one process for all (each start costs an import of torch
+    and a model load); a job that fails is reported as such and the next one still runs."""
     for job in jobs:
         job = dict(job)
         kind = job.pop("kind", "drift")
@@ -231,12 +231,11 @@ def main():
         row["trajectories_per_s"] = IMAGES[script] / row["epoch_s"]
         epochs.append(row)
     print("log-prob drift, syncs and FLOP rates ...", flush=True)
-    *drifts, counted, rates = run_children([dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50,
-                                          resolution=resolution) for p in precisions]
-                                    + [dict(kind="syncs", model=model, device=device, steps=2 if opts.reduced else 10,
-                                            resolution=resolution),
-                                       dict(kind="flops", model=model, device=device,
-                                            precision="no" if opts.reduced else "fp16")])
+    *drifts, counted, rates = run_children(
+        [dict(model=model, device=device, precision=p, steps=2 if opts.reduced else 50, resolution=resolution)
+         for p in precisions]
+        + [dict(kind="syncs", model=model, device=device, steps=2 if opts.reduced else 10, resolution=resolution),
+           dict(kind="flops", model=model, device=device, precision="no" if opts.reduced else "fp16")])
     report = {"date": datetime.date.today().isoformat(),
               "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU (reduced mode)",
               "versions": versions(), "epochs": epochs, "drift": drifts, "syncs": counted, "flops": rates,
