@@ -93,8 +93,8 @@ def table(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="tiny: benchmarks/tiny_pipeline.py's; default: memory.py's SD v1.5 (its "
-                                        "--cache, made there if missing)")
+    parser.add_argument("--model", help="tiny: benchmarks/tiny_pipeline.py's; default: memory.py's random SD v1.5 "
+                                        "(made in its --cache if missing)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--batch", type=int, default=1, help="samples a pass (memory.py's epochs: 1 at SD's size; "
@@ -103,13 +103,8 @@ def main(argv=None):
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     opts = parser.parse_args(argv)
     device = torch.device(distributed.setup(opts.device))  # on the CPU, glibc told as the scripts tell it
-    model = opts.model or os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp", "sd15-random")
-    if opts.model == "tiny":
-        from tiny_pipeline import make_tiny_pipeline  # beside this file
-        model = make_tiny_pipeline(os.path.join("/tmp", f"flops-tiny-{os.getpid()}"))
-    elif opts.model is None and not os.path.isfile(os.path.join(model, "model_index.json")):
-        from memory import make_sd15
-        make_sd15(model)
+    from memory import pipeline  # beside this file
+    model = pipeline(opts.model, name="flops")
     result = measure(model, device, opts.mixed_precision, opts.batch, opts.repeat)
     lines = [f"{os.path.basename(model.rstrip('/'))}, {result['resolution']} px, LoRA rank 4, a guided batch of "
              f"{opts.batch}, {device}, {opts.mixed_precision}, {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",

@@ -198,8 +198,7 @@ def markdown(report):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reduced", action="store_true", help="the CPU and a tiny pipeline (a test of this script)")
-    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp",
-                                                       "sd15-random"), help="where the random SD v1.5 is saved")
+    parser.add_argument("--cache", default=memory.SD15, help="where the random SD v1.5 is saved")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -207,15 +206,12 @@ def main():
         return child(json.loads(opts.child))
     import torch
     if opts.reduced:
-        from tiny_pipeline import make_tiny_pipeline  # beside this file
-        model, device, resolution = make_tiny_pipeline(f"/tmp/gpu-check-tiny-{os.getpid()}"), "cpu", 32
+        model, device, resolution = memory.pipeline("tiny", name="gpu-check"), "cpu", 32
         precisions, runs = ["no", "bf16"], [("ddpo", False), ("ddpo", True), ("d3po", False), ("prdp", False)]
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA GPU here: run it where one is, or give --reduced")
-        model, device, resolution = opts.cache, "cuda", 512
-        if not os.path.isfile(os.path.join(model, "model_index.json")):
-            memory.make_sd15(model)
+        model, device, resolution = memory.pipeline(cache=opts.cache), "cuda", 512
         precisions, runs = ["no", "fp16", "bf16"], [(s, gc) for s in ("ddpo", "d3po", "prdp") for gc in (False, True)]
     epochs = []
     for script, gc in runs:

@@ -43,6 +43,22 @@ FLAGS = {"ddpo": ["--sample-batch-size", "1", "--sample-batches-per-epoch", "1",
                   "--gradient-accumulation-steps", "2", "--images-per-prompt", "2", "--grad-steps-per-epoch", "1"]}
 
 
+SD15 = os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp", "sd15-random")  # --cache's default
+
+
+def pipeline(model=None, cache=SD15, name="memory"):
+    """The pipeline directory a benchmark runs: "tiny" (tiny_pipeline.py's, made afresh under /tmp/<name>-tiny-*),
+    another that is given, or the random SD v1.5 in `cache`, made there the first time."""
+    if model == "tiny":
+        from tiny_pipeline import make_tiny_pipeline  # beside this file
+        return make_tiny_pipeline(os.path.join("/tmp", f"{name}-tiny-{os.getpid()}"))
+    if model:
+        return model
+    if not os.path.isfile(os.path.join(cache, "model_index.json")):
+        make_sd15(cache)
+    return cache
+
+
 def make_sd15(path):
     """A StableDiffusionPipeline of SD v1.5's architecture with random weights, saved to `path` (about 4 GB)."""
     import torch
@@ -211,8 +227,7 @@ def main():
                         "return_freed_memory): like for like")
     parser.add_argument("--trl-kept", action="store_true", help="also run TRL with freed memory kept for the next "
                         "tensors, as this project's scripts do without checkpointing (distributed.keep_freed_memory)")
-    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "ddpo-d3po-prdp",
-                                                       "sd15-random"), help="where the random SD v1.5 is saved")
+    parser.add_argument("--cache", default=SD15, help="where the random SD v1.5 is saved")
     parser.add_argument("--model", help="another pipeline instead (tiny: benchmarks/tiny_pipeline.py's, 32 px)")
     parser.add_argument("--resolution", type=int, help="pixels (default: 512; 32 with --model tiny)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on the CPU, the papers' on a GPU)")
@@ -230,12 +245,7 @@ def main():
         times = (child_trl if job["script"] == "trl" else child_ours)(job)
         print("RESULT " + json.dumps(times | peaks(job["device"])), flush=True)
         return
-    model = opts.model or opts.cache
-    if opts.model == "tiny":
-        from tiny_pipeline import make_tiny_pipeline  # beside this file
-        model = make_tiny_pipeline(os.path.join("/tmp", f"memory-tiny-{os.getpid()}"))
-    elif not os.path.isfile(os.path.join(model, "model_index.json")):
-        make_sd15(opts.cache)
+    model = pipeline(opts.model, opts.cache)
     if opts.samples and opts.scripts != ["ddpo"]:
         parser.error("--samples sets DDPO's batches: give --scripts ddpo")
     size = opts.resolution or (32 if opts.model == "tiny" else 512)  # TRL samples at the model's own size

@@ -266,3 +266,17 @@ def test_the_flops_benchmark_times_both_passes_of_the_scripts(tiny_dir, tmp_path
     forward, training = float(rows["sampling forward"][0]), float(rows["training pass"][0])
     assert forward > 0 and 1.5 < training / forward < 2.5, rows
     assert all(float(row[1]) > 0 for row in rows.values()), rows
+
+
+def test_the_benchmarks_find_their_pipeline_in_one_place(tmp_path, monkeypatch):
+    """memory.pipeline, for memory.py, flops.py and gpu_check.py: tiny is made afresh, a given one is used as it
+    is, and the random SD v1.5 is made in the cache only where it is not yet."""
+    import memory
+    made = []
+    monkeypatch.setattr(memory, "make_sd15", made.append)
+    assert os.path.isfile(os.path.join(memory.pipeline("tiny", name="test"), "model_index.json"))
+    assert memory.pipeline(str(tmp_path / "given")) == str(tmp_path / "given") and made == []
+    assert memory.pipeline(cache=str(tmp_path / "sd")) == str(tmp_path / "sd") and made == [str(tmp_path / "sd")]
+    (tmp_path / "sd" / "model_index.json").parent.mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    assert memory.pipeline(cache=str(tmp_path / "sd")) == str(tmp_path / "sd") and len(made) == 1
