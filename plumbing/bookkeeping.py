@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
@@ -31,21 +32,27 @@ from plumbing.rewards import MIXES, to_uint8
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
-def run_main(main):
-    """Call `main()`, turning a UserError into one line on stderr and exit status 2, and Ctrl-C into one line that
-    says how to go on (exit status 130)."""
+RESUMABLE = "the run keeps every epoch it finished; continue it with --resume <its --output-dir>"
+
+
+def run_main(main, interrupted=RESUMABLE):
+    """Call `main()`, turning a UserError into one line on stderr and exit status 2, and Ctrl-C or SIGTERM (`kill`,
+    `timeout`, a cluster's scheduler) into one line, `interrupted`, that says how to go on (exit status 130)."""
     # transformers says on every run that it reads images with PIL because torchvision is not installed: harmless
     quiet = logging.getLogger("transformers.utils.import_utils")
     quiet.addFilter(lambda record: "requires torchvision" not in record.getMessage())
+    # SIGTERM raises KeyboardInterrupt, as Ctrl-C does: a file being written is cleaned up, not left half-way
+    terminate = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: the run keeps every epoch it finished; continue it with --resume <its --output-dir>",
-              file=sys.stderr)
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def quiet_libraries():

@@ -189,4 +189,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    bookkeeping.run_main(main)
+    bookkeeping.run_main(main, interrupted="the labels saved so far are kept")

@@ -265,6 +265,28 @@ def test_ctrl_c_while_the_libraries_load_ends_in_one_line(tmp_path):
     assert process.returncode != 0 and not (tmp_path / "run").exists()
 
 
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_run_resumes(tmp_path):
+    """`kill`, `timeout` and a cluster's scheduler stop a run with SIGTERM: the same one line as Ctrl-C (no traceback,
+    exit status 130), no temporary file left, the finished epochs kept; and run_main puts SIGTERM's handler back."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo.py"), "--model", "flow-toy", "--output-dir",
+                                str(out), "--num-epochs", "3"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first epoch finished: the run is in its second
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted: " + bookkeeping.RESUMABLE
+    assert not [f for _, _, files in os.walk(out) for f in files if f.endswith(".tmp")]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] in (0, 1)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        bookkeeping.run_main(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_weights_interrupted_while_written_leave_the_old_ones_and_no_half_new_directory(tiny_dir, tmp_path,
                                                                                        monkeypatch):
     """Ctrl-C (or a benchmark's time budget) during save_weights: the previous unet/ is whole and unet.tmp is gone at
