@@ -148,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    bookkeeping.run_main(main, interrupted="nothing was written; the evaluation starts again from the beginning")
+    bookkeeping.run_main(main, interrupted="an evaluation does not resume: run it again")
