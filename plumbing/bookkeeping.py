@@ -300,7 +300,10 @@ def atomic_write(path, write):
     """Write a file through `write(tmp_path)`, flush it to the disk and rename it into place, so an interruption
     leaves the old one. The temporary's name is this writer's own (two writers of one file never share it); a failed
     write removes it, and a full disk or a file-size limit says so in one sentence (the old file is kept)."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    except OSError as e:  # its folder is missing, or not writable
+        raise UserError(f"could not write {path} ({e.strerror}).") from e
     os.close(fd)
     os.chmod(tmp, 0o666 & ~UMASK)  # as open() would have made it (mkstemp's is 0o600)
     try:

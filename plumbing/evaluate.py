@@ -133,11 +133,18 @@ def main(argv=None):
     if opts.images_per_prompt < 1 or opts.batch_size < 1:
         raise UserError("--images-per-prompt and --batch-size must be at least 1.")
     config = run_config(opts.run_dir)
+    output = opts.output or os.path.join(opts.run_dir, "evaluation.json")
+    if os.path.isdir(output):
+        raise UserError(f"--output {output!r} is a folder: give the JSON file's path (its .png goes beside it).")
+    try:  # its folder made now, as the scripts make their --output-dir, not found missing after the sampling
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    except OSError as e:
+        reason = "a file is in its path" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise UserError(f"--output {output!r}: its folder cannot be made ({reason}).")
     prompts = bookkeeping.load_prompts(opts.prompt_file or config["prompt_file"])
     rewards = opts.rewards or [config["reward"]]
     result, before, after = evaluate_run(opts.run_dir, prompts, rewards, opts.images_per_prompt, opts.device,
                                          opts.batch_size)
-    output = opts.output or os.path.join(opts.run_dir, "evaluation.json")
     bookkeeping.write_json(output, result)
     pairs = torch.stack([before, after], 1).flatten(0, 1)                   # each prompt's two images side by side
     bookkeeping.save_grid(pairs, [c for p in prompts for c in (p, "fine-tuned")], os.path.splitext(output)[0] + ".png")

@@ -185,6 +185,8 @@ def main(argv=None):
     parser.add_argument("round", help="a round directory written by d3po.py --sample-only")
     parser.add_argument("--port", type=int, default=8765, help="the port on 127.0.0.1 (0: any free one)")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port: give one from 1 to 65535 (or 0 for any free one).")
     serve(args.round, args.port)
 
 

@@ -96,7 +96,7 @@ def test_kl_is_the_log_ratio_under_a_separately_loaded_base_model(lora_run, tiny
 
 def test_the_command_prints_a_panel_and_writes_json_and_a_grid(lora_run, tmp_path):
     reward_models = __import__("tiny_pipeline").make_tiny_reward_models(str(tmp_path / "rewards"))
-    output = tmp_path / "eval.json"
+    output = tmp_path / "new" / "eval.json"  # its folder is made, as a script's --output-dir is
     done = subprocess.run([sys.executable, "-m", "plumbing.evaluate", lora_run, "--rewards", "aesthetic",
                            "clip_score", "jpeg_compressibility", "--images-per-prompt", "2", "--output", str(output),
                            "--device", "cpu"], capture_output=True, text=True, env={**os.environ, **reward_models},
@@ -107,10 +107,10 @@ def test_the_command_prints_a_panel_and_writes_json_and_a_grid(lora_run, tmp_pat
     assert saved["prompts"] == 3 and saved["images_per_prompt"] == 2 and saved["kl"]["mean"] > 0
     for name in saved["metrics"]:
         assert name in done.stdout
-    assert "KL to the base" in done.stdout and (tmp_path / "eval.png").is_file()
+    assert "KL to the base" in done.stdout and (tmp_path / "new" / "eval.png").is_file()
 
 
-def test_bad_input_is_one_sentence(lora_run, tmp_path):
+def test_bad_input_is_one_sentence(lora_run, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a run directory"):
         evaluate.main([str(tmp_path)])
     with pytest.raises(UserError, match="unknown reward"):
@@ -120,3 +120,10 @@ def test_bad_input_is_one_sentence(lora_run, tmp_path):
         json.dump(json.load(open(os.path.join(lora_run, "config.json"))), f)  # a run that never finished an epoch
     with pytest.raises(UserError, match="no finished run's weights"):
         evaluate.main([str(tmp_path / "half")])
+    monkeypatch.setattr(evaluate, "evaluate_run", None)  # a bad --output is refused before any sampling
+    (tmp_path / "file").write_text("")
+    for output in (tmp_path / "file" / "eval.json", tmp_path / "file" / "deeper" / "eval.json"):
+        with pytest.raises(UserError, match=r"--output .*: its folder cannot be made \(a file is in its path\)\.$"):
+            evaluate.main([lora_run, "--output", str(output)])
+    with pytest.raises(UserError, match="is a folder: give the JSON file's path"):
+        evaluate.main([lora_run, "--output", str(tmp_path)])

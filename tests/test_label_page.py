@@ -244,6 +244,14 @@ def test_a_folder_that_is_not_a_sampled_round_is_refused_in_one_sentence(tmp_pat
         f"labels_template.json there, so it is not a round written by d3po.py --sample-only.\n")
 
 
+def test_a_port_out_of_range_is_refused_in_one_sentence(tmp_path, capsys):
+    round_dir = make_round(tmp_path / "round")
+    for port in ("65536", "-1"):
+        status, err = run_label(capsys, str(round_dir), "--port", port)
+        assert status == 2 and err == (f"error: --port {port} is not a port: give one from 1 to 65535 (or 0 for any "
+                                       f"free one).\n")
+
+
 def test_a_port_in_use_is_refused_in_one_sentence(tmp_path, capsys):
     round_dir = make_round(tmp_path / "round")
     with socket.socket() as taken:

@@ -37,6 +37,8 @@ def test_a_full_disk_while_writing_is_one_sentence_and_keeps_the_old_file(tmp_pa
         with pytest.raises(UserError, match="could not write .*checkpoint.pt .*is the disk full"):
             bookkeeping.atomic_write(str(path), lambda p: full(p, error))
         assert path.read_text() == "old" and os.listdir(tmp_path) == ["checkpoint.pt"]
+    with pytest.raises(UserError, match=r"could not write .*missing/x.json \(No such file or directory\)\.$"):
+        bookkeeping.write_json(str(tmp_path / "missing" / "x.json"), {})  # a folder that is not there: one sentence
 
 
 def test_a_file_size_limit_while_checkpointing_ends_the_run_in_one_sentence(tiny_dir, prompt_file, tmp_path):
