@@ -73,6 +73,9 @@ def run_config(run_dir):
     config = bookkeeping.read_config(run_dir, "evaluate.py")
     if config is None or not {"model", "prompt_file", "reward"} <= set(config):
         raise UserError(f"evaluate.py {run_dir!r}: no run's config.json there, so it is not a run directory.")
+    if config.get("sample_only"):
+        raise UserError(f"evaluate.py {run_dir!r} is a round of images to label (d3po.py --sample-only), not a "
+                        f"trained run: evaluate the run trained on its labels (d3po.py --labels).")
     return config
 
 

@@ -120,6 +120,10 @@ def test_bad_input_is_one_sentence(lora_run, tmp_path, monkeypatch):
         json.dump(json.load(open(os.path.join(lora_run, "config.json"))), f)  # a run that never finished an epoch
     with pytest.raises(UserError, match="no finished run's weights"):
         evaluate.main([str(tmp_path / "half")])
+    with open(tmp_path / "half" / "config.json", "w") as f:
+        json.dump(json.load(open(os.path.join(lora_run, "config.json"))) | {"sample_only": True}, f)
+    with pytest.raises(UserError, match=r"is a round of images to label \(d3po.py --sample-only\), not a trained"):
+        evaluate.main([str(tmp_path / "half")])
     monkeypatch.setattr(evaluate, "evaluate_run", None)  # a bad --output is refused before any sampling
     (tmp_path / "file").write_text("")
     for output in (tmp_path / "file" / "eval.json", tmp_path / "file" / "deeper" / "eval.json"):
