@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 try:
@@ -41,8 +42,10 @@ def run_main(main, interrupted=RESUMABLE):
     # transformers says on every run that it reads images with PIL because torchvision is not installed: harmless
     quiet = logging.getLogger("transformers.utils.import_utils")
     quiet.addFilter(lambda record: "requires torchvision" not in record.getMessage())
-    # SIGTERM raises KeyboardInterrupt, as Ctrl-C does: a file being written is cleaned up, not left half-way
-    terminate = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM raises KeyboardInterrupt, as Ctrl-C does: a file being written is cleaned up, not left half-way (only
+    # the main thread may set a handler; a run started from another thread keeps the process's)
+    main_thread = threading.current_thread() is threading.main_thread()
+    terminate = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         main()
     except UserError as e:
@@ -52,7 +55,8 @@ def run_main(main, interrupted=RESUMABLE):
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, terminate)
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
 
 
 def quiet_libraries():

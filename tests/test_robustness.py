@@ -287,6 +287,11 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_run_resumes(tmp_path):
     with pytest.raises(SystemExit):
         bookkeeping.run_main(lambda: os.kill(os.getpid(), signal.SIGTERM))
     assert signal.getsignal(signal.SIGTERM) is handler
+    ran = []  # from another thread, where Python allows no handler to be set, run_main still runs
+    thread = threading.Thread(target=bookkeeping.run_main, args=(lambda: ran.append(True),))
+    thread.start()
+    thread.join()
+    assert ran == [True]
 
 
 def test_weights_interrupted_while_written_leave_the_old_ones_and_no_half_new_directory(tiny_dir, tmp_path,
