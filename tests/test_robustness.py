@@ -267,7 +267,7 @@ def test_ctrl_c_while_the_libraries_load_ends_in_one_line(tmp_path):
     assert process.returncode != 0 and not (tmp_path / "run").exists()
 
 
-def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_run_resumes(tmp_path):
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_keeps_its_finished_epochs(tmp_path):
     """`kill`, `timeout` and a cluster's scheduler stop a run with SIGTERM: the same one line as Ctrl-C (no traceback,
     exit status 130), no temporary file left, the finished epochs kept; and run_main puts SIGTERM's handler back."""
     out = tmp_path / "run"
