@@ -239,10 +239,7 @@ def check_args(args, group=1, part_of_group=False):
               "or bf16 is faster", flush=True)
     if not args.output_dir:
         raise UserError("--output-dir is empty; give the directory the run writes to.")
-    try:  # before any model is loaded: a file in the way, or a place that cannot be written, is found now
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {args.output_dir!r} cannot be created ({e.strerror}).")
+    make_folder(args.output_dir, "--output-dir")  # before any model is loaded
     if distributed.is_main():  # under torchrun, process 0 alone writes
         claim_output_dir(args)
 
@@ -298,6 +295,16 @@ def release_output_dir(args):
     lock = HELD.pop(os.path.realpath(args.output_dir), None)
     if lock:
         lock.close()
+
+
+def make_folder(path, flag):
+    """Make the folder a command will write to, before its work: a file in the way, or a place that cannot be
+    written, is one sentence now instead of a traceback at the end."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        reason = "a file is in its path" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise UserError(f"{flag} {path!r} cannot be created ({reason}).")
 
 
 def atomic_write(path, write):

@@ -139,11 +139,7 @@ def main(argv=None):
     output = opts.output or os.path.join(opts.run_dir, "evaluation.json")
     if os.path.isdir(output):
         raise UserError(f"--output {output!r} is a folder: give the JSON file's path (its .png goes beside it).")
-    try:  # its folder made now, as the scripts make their --output-dir, not found missing after the sampling
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    except OSError as e:
-        reason = "a file is in its path" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-        raise UserError(f"--output {output!r}: its folder cannot be made ({reason}).")
+    bookkeeping.make_folder(os.path.dirname(os.path.abspath(output)), "--output's folder")  # before the sampling
     prompts = bookkeeping.load_prompts(opts.prompt_file or config["prompt_file"])
     rewards = opts.rewards or [config["reward"]]
     result, before, after = evaluate_run(opts.run_dir, prompts, rewards, opts.images_per_prompt, opts.device,

@@ -127,7 +127,7 @@ def test_bad_input_is_one_sentence(lora_run, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_run", None)  # a bad --output is refused before any sampling
     (tmp_path / "file").write_text("")
     for output in (tmp_path / "file" / "eval.json", tmp_path / "file" / "deeper" / "eval.json"):
-        with pytest.raises(UserError, match=r"--output .*: its folder cannot be made \(a file is in its path\)\.$"):
+        with pytest.raises(UserError, match=r"--output's folder .* cannot be created \(a file is in its path\)\.$"):
             evaluate.main([lora_run, "--output", str(output)])
     with pytest.raises(UserError, match="is a folder: give the JSON file's path"):
         evaluate.main([lora_run, "--output", str(tmp_path)])
